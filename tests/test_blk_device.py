@@ -1,0 +1,179 @@
+"""The virtio-blk device model against a real image file: every request type and every refusal."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
+from vblk.blk.defs import Feature, ReqType, Status
+from vblk.blk.device import MAX_DISCARD_SECTORS, BlockDevice
+from vblk.io.image import Image
+from vblk.virtio.queue import Chain
+
+SIZE = 8 << 20
+
+
+@pytest.fixture
+def image_path(tmp_path: Path) -> Path:
+    p = tmp_path / "disk.img"
+    Image.create(str(p), SIZE)
+    return p
+
+
+@pytest.fixture
+def dev(image_path: Path) -> Iterator[BlockDevice]:
+    img = Image(str(image_path))
+    yield BlockDevice(img, num_queues=2, queue_size=128, serial="vblk-serial-1")
+    img.close()
+
+
+def mv(data: bytes | int) -> memoryview:
+    return memoryview(bytearray(data))
+
+
+def request(dev: BlockDevice, rtype: int, sector: int, out: bytes = b"", in_len: int = 0) -> tuple[int, bytes, int | None]:
+    """Run one request; returns (status, data written by the device, used length)."""
+    readable = [mv(struct.pack("<IIQ", rtype, 0, sector) + out)]
+    data = mv(in_len)
+    status = mv(b"\xee")
+    writable = ([data] if in_len else []) + [status]
+    used = dev.handle(Chain(0, readable, writable))
+    return status[0], bytes(data), used
+
+
+def test_write_then_read_round_trips_through_the_file(dev: BlockDevice, image_path: Path) -> None:
+    payload = os.urandom(4096)
+    assert request(dev, ReqType.OUT, 10, payload)[0] == Status.OK
+    st, got, used = request(dev, ReqType.IN, 10, in_len=4096)
+    assert (st, got, used) == (Status.OK, payload, 4097)
+    with open(image_path, "rb") as f:
+        f.seek(10 * 512)
+        assert f.read(4096) == payload
+
+
+def test_scatter_gather_read_fills_every_buffer(dev: BlockDevice) -> None:
+    payload = os.urandom(3 * 512)
+    request(dev, ReqType.OUT, 0, payload)
+    bufs = [mv(512), mv(1024)]
+    status = mv(1)
+    used = dev.handle(Chain(0, [mv(struct.pack("<IIQ", ReqType.IN, 0, 0))], [*bufs, status]))
+    assert used == 1537 and bytes(bufs[0]) + bytes(bufs[1]) == payload
+
+
+@pytest.mark.parametrize(
+    ("rtype", "sector", "nbytes"),
+    [
+        (ReqType.IN, SIZE // 512, 512),  # starts at capacity
+        (ReqType.IN, SIZE // 512 - 1, 1024),  # runs past capacity
+        (ReqType.IN, 2**64 - 1, 512),  # sector overflow
+        (ReqType.IN, 0, 100),  # not a sector multiple
+        (ReqType.OUT, SIZE // 512, 512),
+        (ReqType.OUT, 0, 700),
+    ],
+)
+def test_out_of_range_or_misaligned_is_ioerr(dev: BlockDevice, rtype: int, sector: int, nbytes: int) -> None:
+    if rtype == ReqType.IN:
+        st = request(dev, rtype, sector, in_len=nbytes)[0]
+    else:
+        st = request(dev, rtype, sector, out=b"z" * nbytes)[0]
+    assert st == Status.IOERR
+
+
+def test_wrong_buffer_directions_are_ioerr(dev: BlockDevice) -> None:
+    assert request(dev, ReqType.IN, 0, out=b"x" * 512, in_len=512)[0] == Status.IOERR
+    assert request(dev, ReqType.OUT, 0, out=b"x" * 512, in_len=512)[0] == Status.IOERR
+    assert request(dev, ReqType.FLUSH, 0, out=b"x" * 512)[0] == Status.IOERR
+
+
+def test_unknown_type_is_unsupp(dev: BlockDevice) -> None:
+    for t in (2, 3, 99, ReqType.GET_LIFETIME, ReqType.SECURE_ERASE):
+        assert request(dev, t, 0, in_len=16)[0] == Status.UNSUPP
+
+
+def test_flush_and_get_id(dev: BlockDevice) -> None:
+    assert request(dev, ReqType.FLUSH, 0)[0] == Status.OK
+    st, data, used = request(dev, ReqType.GET_ID, 0, in_len=20)
+    assert st == Status.OK and data == b"vblk-serial-1".ljust(20, b"\0") and used == 21
+
+
+def seg(sector: int, num: int, flags: int = 0) -> bytes:
+    return struct.pack("<QII", sector, num, flags)
+
+
+def test_discard_reads_back_zero_and_punches_a_hole(dev: BlockDevice, image_path: Path) -> None:
+    request(dev, ReqType.OUT, 0, os.urandom(1 << 20))
+    used_before = os.stat(image_path).st_blocks
+    assert request(dev, ReqType.DISCARD, 0, seg(0, 2048))[0] == Status.OK
+    assert request(dev, ReqType.IN, 0, in_len=1 << 20)[1] == bytes(1 << 20)
+    assert os.stat(image_path).st_blocks < used_before
+
+
+@pytest.mark.parametrize("flags", [0, 1])
+def test_write_zeroes_with_and_without_unmap(dev: BlockDevice, flags: int) -> None:
+    request(dev, ReqType.OUT, 64, os.urandom(65536))
+    assert request(dev, ReqType.WRITE_ZEROES, 0, seg(64, 128, flags))[0] == Status.OK
+    assert request(dev, ReqType.IN, 64, in_len=65536)[1] == bytes(65536)
+
+
+def test_discard_refusals(dev: BlockDevice) -> None:
+    assert request(dev, ReqType.DISCARD, 0, seg(0, 8, flags=1))[0] == Status.UNSUPP  # unmap on discard
+    assert request(dev, ReqType.WRITE_ZEROES, 0, seg(0, 8, flags=2))[0] == Status.UNSUPP
+    assert request(dev, ReqType.DISCARD, 0, seg(SIZE // 512 - 4, 8))[0] == Status.IOERR
+    assert request(dev, ReqType.DISCARD, 0, seg(0, MAX_DISCARD_SECTORS + 1))[0] == Status.IOERR
+    assert request(dev, ReqType.DISCARD, 0, b"short")[0] == Status.IOERR
+    assert request(dev, ReqType.WRITE_ZEROES, 0, seg(0, 8) + seg(8, 8))[0] == Status.IOERR  # 1 segment max
+
+
+def test_read_only_refuses_every_write(image_path: Path) -> None:
+    img = Image(str(image_path), read_only=True)
+    dev = BlockDevice(img, read_only=True)
+    try:
+        assert dev.features & (1 << Feature.RO)
+        assert not dev.features & (1 << Feature.DISCARD)
+        assert request(dev, ReqType.OUT, 0, b"x" * 512)[0] == Status.IOERR
+        assert request(dev, ReqType.DISCARD, 0, seg(0, 8))[0] == Status.IOERR
+        assert request(dev, ReqType.WRITE_ZEROES, 0, seg(0, 8))[0] == Status.IOERR
+        assert request(dev, ReqType.IN, 0, in_len=512)[0] == Status.OK
+    finally:
+        img.close()
+    with open(image_path, "rb") as f:
+        assert f.read(512) == bytes(512)
+
+
+def test_config_space_fields(dev: BlockDevice) -> None:
+    raw = dev.read_config(0, CONFIG_SIZE)
+    assert raw is not None and len(raw) == CONFIG_SIZE
+    cfg = BlkConfig.unpack(raw)
+    assert cfg.capacity == SIZE // 512
+    assert (cfg.num_queues, cfg.seg_max, cfg.blk_size, cfg.writeback) == (2, 126, 512, 1)
+    assert cfg.max_discard_sectors == MAX_DISCARD_SECTORS and cfg.write_zeroes_may_unmap == 1
+    assert struct.unpack_from("<Q", raw)[0] == SIZE // 512
+    assert dev.read_config(8, 4) == raw[8:12]
+    assert dev.read_config(0, 300) is None
+    assert dev.read_config(0, 100) == raw + bytes(100 - CONFIG_SIZE)
+
+
+def test_config_writeback_toggle_only(dev: BlockDevice) -> None:
+    assert dev.write_config(WRITEBACK_OFFSET, b"\0")
+    assert dev.config.writeback == 0
+    assert request(dev, ReqType.OUT, 0, b"w" * 512)[0] == Status.OK  # writethrough path
+    assert not dev.write_config(0, b"\0" * 8)  # capacity is read-only
+    assert not dev.write_config(WRITEBACK_OFFSET, b"\x05")
+
+
+def test_chain_without_status_byte_returns_none(dev: BlockDevice) -> None:
+    assert dev.handle(Chain(0, [mv(16)], [])) is None
+
+
+def test_serial_too_long_is_refused(image_path: Path) -> None:
+    img = Image(str(image_path))
+    try:
+        with pytest.raises(ValueError):
+            BlockDevice(img, serial="x" * 21)
+    finally:
+        img.close()

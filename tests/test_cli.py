@@ -1,0 +1,132 @@
+"""``vblk serve`` as a user meets it: bad input gets one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def vblk(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vblk", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_error_line(p: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert p.returncode != 0
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in p.stderr
+    assert any(needle in line for line in lines), p.stderr
+    assert len([line for line in lines if "error" in line]) == 1, p.stderr
+
+
+@pytest.fixture
+def img(tmp_path: Path) -> Path:
+    p = tmp_path / "disk.img"
+    with open(p, "wb") as f:
+        f.truncate(1 << 20)
+    return p
+
+
+def test_missing_image(tmp_path: Path) -> None:
+    one_error_line(vblk("serve", str(tmp_path / "nope.img"), "--socket", str(tmp_path / "s")), "no such image")
+
+
+def test_bad_create_size(tmp_path: Path) -> None:
+    one_error_line(vblk("serve", str(tmp_path / "n.img"), "--socket", str(tmp_path / "s"), "--create", "12Q"), "bad size")
+
+
+def test_image_not_multiple_of_512(tmp_path: Path) -> None:
+    p = tmp_path / "odd.img"
+    p.write_bytes(b"x" * 1000)
+    one_error_line(vblk("serve", str(p), "--socket", str(tmp_path / "s")), "multiple of 512")
+
+
+def test_num_queues_zero(img: Path, tmp_path: Path) -> None:
+    one_error_line(vblk("serve", str(img), "--socket", str(tmp_path / "s"), "--num-queues", "0"), "--num-queues")
+
+
+def test_serial_too_long(img: Path, tmp_path: Path) -> None:
+    one_error_line(vblk("serve", str(img), "--socket", str(tmp_path / "s"), "--serial", "x" * 21), "20 bytes")
+
+
+def test_socket_dir_not_writable(img: Path, tmp_path: Path) -> None:
+    one_error_line(vblk("serve", str(img), "--socket", str(tmp_path / "no" / "dir" / "s")), "cannot listen")
+
+
+def test_socket_path_is_a_regular_file(img: Path, tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_error_line(vblk("serve", str(img), "--socket", str(f)), "not a socket")
+
+
+def test_socket_in_use(img: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "busy.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(1)
+    try:
+        one_error_line(vblk("serve", str(img), "--socket", path), "in use")
+    finally:
+        s.close()
+
+
+def start_serve(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vblk", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "socket never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_create_serve_and_graceful_signal(tmp_path: Path, sig: int) -> None:
+    image = tmp_path / "new.img"
+    sock = tmp_path / "v.sock"
+    proc = start_serve(str(image), "--socket", str(sock), "--create", "64M")
+    wait_for(sock, proc)
+    assert image.stat().st_size == 64 << 20
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert not sock.exists()
+
+
+def test_stale_socket_is_replaced(img: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(sock))
+    s.close()  # bound but nobody listens: a crashed server's leftover
+    proc = start_serve(str(img), "--socket", str(sock))
+    try:
+        time.sleep(0.5)
+        assert proc.poll() is None
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(str(sock))
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+def test_python_dash_m_and_help() -> None:
+    p = vblk("serve", "--help")
+    assert p.returncode == 0 and "--num-queues" in p.stdout and "--read-only" in p.stdout
+    assert os.path.basename(sys.executable)

@@ -1,0 +1,248 @@
+"""The backend session state machine, driven message by message with no sockets."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vblk.blk.defs import ReqType, Status
+from vblk.blk.device import BlockDevice
+from vblk.io.image import Image
+from vblk.vhost_user.backend import PROTOCOL_FEATURES, BackendSession, Vring
+from vblk.vhost_user.codec import (
+    Config,
+    Malformed,
+    MemRegion,
+    MemRegionMsg,
+    MemTable,
+    Message,
+    U64,
+    VringAddr,
+    VringState,
+    request,
+)
+from vblk.vhost_user.defs import FLAG_REPLY, ProtocolFeature, Request
+from vblk.virtio import defs as vdefs
+from vblk.virtio.driver import DriverQueue
+
+GPA = 0x10000
+UADDR = 0x7F0000000000
+MEM = 1 << 20
+QSIZE = 64
+
+
+class RecordingHost:
+    """A QueueHost that only records what the session asks for."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.stopped: list[int] = []
+
+    def start_queue(self, vring: Vring) -> None:
+        assert vring.queue is not None
+        self.started.append(vring.index)
+
+    def stop_queue(self, vring: Vring) -> None:
+        self.stopped.append(vring.index)
+
+
+@pytest.fixture
+def guest_ram() -> bytearray:
+    return bytearray(MEM)
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Iterator[BlockDevice]:
+    p = tmp_path / "d.img"
+    Image.create(str(p), 4 << 20)
+    img = Image(str(p))
+    yield BlockDevice(img, num_queues=2, serial="sess")
+    img.close()
+
+
+def fake_map(ram: bytearray) -> Callable[[int, int, int], tuple[memoryview, Callable[[], None]]]:
+    closed: list[bool] = []
+
+    def map_region(fd: int, size: int, offset: int) -> tuple[memoryview, Callable[[], None]]:
+        return memoryview(ram)[offset : offset + size], lambda: closed.append(True)
+
+    return map_region
+
+
+@pytest.fixture
+def session(device: BlockDevice, guest_ram: bytearray) -> tuple[BackendSession, RecordingHost]:
+    host = RecordingHost()
+    return BackendSession(device, host, num_queues=2, map_region=fake_map(guest_ram)), host
+
+
+def send(s: BackendSession, req: Request, payload: object = None, *, need_reply: bool = False, fds: tuple[int, ...] = ()) -> Message | None:
+    msg = request(req, payload, need_reply=need_reply, fds=fds) if payload is not None else request(req, need_reply=need_reply, fds=fds)  # type: ignore[arg-type]
+    return s.handle(msg)
+
+
+def negotiate(s: BackendSession) -> int:
+    r = send(s, Request.GET_FEATURES)
+    assert r is not None and isinstance(r.payload, U64)
+    feats = r.payload.value
+    send(s, Request.SET_FEATURES, U64(feats))
+    send(s, Request.SET_PROTOCOL_FEATURES, U64(PROTOCOL_FEATURES))
+    return feats
+
+
+def setup_ring(s: BackendSession, index: int, ram: bytearray) -> DriverQueue:
+    """Lay a ring in guest RAM and hand it to the session as QEMU would."""
+    layout = vdefs.ring_layout(QSIZE)
+    base = index * 0x10000  # ring area offset in RAM
+    view = memoryview(ram)
+    drv = DriverQueue(
+        QSIZE,
+        view[base + layout.desc : base + layout.desc + vdefs.desc_table_bytes(QSIZE)],
+        view[base + layout.avail : base + layout.avail + vdefs.avail_ring_bytes(QSIZE)],
+        view[base + layout.used : base + layout.used + vdefs.used_ring_bytes(QSIZE)],
+        event_idx=True,
+    )
+    send(s, Request.SET_VRING_NUM, VringState(index, QSIZE))
+    send(s, Request.SET_VRING_BASE, VringState(index, 0))
+    send(s, Request.SET_VRING_ADDR, VringAddr(index, 0, UADDR + base + layout.desc, UADDR + base + layout.used, UADDR + base + layout.avail, 0))
+    send(s, Request.SET_VRING_CALL, U64(index), fds=(os.eventfd(0),))
+    send(s, Request.SET_VRING_KICK, U64(index), fds=(os.eventfd(0),))
+    return drv
+
+
+def set_mem(s: BackendSession) -> None:
+    fd = os.eventfd(0)  # stands in for the memfd: the fake mapper ignores it, the session closes it
+    send(s, Request.SET_MEM_TABLE, MemTable((MemRegion(GPA, MEM, UADDR, 0),)), fds=(fd,))
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed: mapped regions do not keep their fd
+
+
+def test_feature_negotiation(session: tuple[BackendSession, RecordingHost]) -> None:
+    s, _ = session
+    feats = negotiate(s)
+    assert feats & (1 << vdefs.VHOST_USER_F_PROTOCOL_FEATURES)
+    assert feats & (1 << vdefs.VIRTIO_F_RING_EVENT_IDX)
+    r = send(s, Request.GET_PROTOCOL_FEATURES)
+    assert r is not None and isinstance(r.payload, U64)
+    for bit in (ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS):
+        assert r.payload.value & (1 << bit)
+    r = send(s, Request.GET_QUEUE_NUM)
+    assert r is not None and r.payload == U64(2)
+    assert r.flags & FLAG_REPLY
+
+
+def test_unoffered_features_are_refused_with_nack(session: tuple[BackendSession, RecordingHost]) -> None:
+    s, _ = session
+    negotiate(s)
+    r = send(s, Request.SET_FEATURES, U64(1 << 63), need_reply=True)
+    assert r is not None and r.payload == U64(1)
+
+
+def test_ring_starts_only_when_enabled_and_round_trips_a_read(session: tuple[BackendSession, RecordingHost], guest_ram: bytearray, device: BlockDevice) -> None:
+    s, host = session
+    negotiate(s)
+    set_mem(s)
+    drv = setup_ring(s, 0, guest_ram)
+    assert host.started == []  # protocol features negotiated: rings start disabled
+    r = send(s, Request.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+    assert r is not None and r.payload == U64(0)
+    assert host.started == [0]
+    # One GET_ID request through the real rings, processed by the real device.
+    hdr_off, data_off, st_off = 0x40000, 0x40100, 0x40200
+    struct.pack_into("<IIQ", guest_ram, hdr_off, ReqType.GET_ID, 0, 0)
+    guest_ram[st_off] = 0xFF
+    head = drv.add([(GPA + hdr_off, 16)], [(GPA + data_off, 20), (GPA + st_off, 1)])
+    q = s.vrings[0].queue
+    assert q is not None
+    chain = q.pop()
+    assert chain is not None and chain.head == head
+    used = device.handle(chain)
+    assert used == 21
+    q.push(chain.head, used)
+    assert drv.pop_used() == (head, 21)
+    assert guest_ram[st_off] == Status.OK
+    assert bytes(guest_ram[data_off : data_off + 4]) == b"sess"
+    # GET_VRING_BASE stops the ring and reports where the device got to.
+    r = send(s, Request.GET_VRING_BASE, VringState(0, 0))
+    assert r is not None and r.payload == VringState(0, 1)
+    assert host.stopped == [0]
+    assert s.vrings[0].kick_fd == -1
+
+
+def test_bad_messages_get_error_replies_not_exceptions(session: tuple[BackendSession, RecordingHost]) -> None:
+    s, host = session
+    negotiate(s)
+    cases = [
+        (Request.SET_VRING_NUM, VringState(7, 64)),  # queue index out of range
+        (Request.SET_VRING_NUM, VringState(0, 100)),  # not a power of two
+        (Request.SET_VRING_NUM, VringState(0, 4096)),  # too large
+        (Request.SET_VRING_BASE, VringState(0, 1 << 20)),
+        (Request.SET_VRING_ENABLE, VringState(0, 5)),
+        (Request.SET_CONFIG, Config(0, 8, 0, bytes(8))),  # capacity is not writable
+        (Request.REM_MEM_REG, MemRegionMsg(MemRegion(0, 4096, 0, 0))),  # never added
+    ]
+    for req, payload in cases:
+        r = send(s, req, payload, need_reply=True)
+        assert r is not None and r.payload == U64(1), req
+    r = s.handle(Message(200, 0x1 | 0x8, U64(0)))  # unknown request
+    assert r is not None and r.payload == U64(1)
+    r = s.handle(Malformed(Request.SET_VRING_ADDR, 0x1 | 0x8, "short", ()))
+    assert r is not None and r.payload == U64(1)
+    r = send(s, Request.GET_CONFIG, Config(250, 100, 0, bytes(100)))
+    assert r is not None and isinstance(r.payload, Config) and r.payload.size == 0
+    # The kick fd of a ring with no addresses and no memory: refused, not crashed.
+    fd = os.eventfd(0)
+    send(s, Request.SET_VRING_NUM, VringState(1, 64))
+    send(s, Request.SET_VRING_ADDR, VringAddr(1, 0, 0xDEAD0000, 0xDEAD2000, 0xDEAD1000, 0))
+    send(s, Request.SET_VRING_ENABLE, VringState(1, 1))
+    r = send(s, Request.SET_VRING_KICK, U64(1), need_reply=True, fds=(fd,))
+    assert r is not None and r.payload == U64(1)
+    assert host.started == []
+
+
+def test_unkept_fds_are_closed(session: tuple[BackendSession, RecordingHost]) -> None:
+    s, _ = session
+    negotiate(s)
+    fd = os.eventfd(0)
+    send(s, Request.SET_OWNER, fds=(fd,))  # an fd nobody wants
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_config_read_and_writeback_toggle(session: tuple[BackendSession, RecordingHost], device: BlockDevice) -> None:
+    s, _ = session
+    negotiate(s)
+    r = send(s, Request.GET_CONFIG, Config(0, 60, 0, bytes(60)))
+    assert r is not None and isinstance(r.payload, Config)
+    assert struct.unpack_from("<Q", r.payload.data)[0] == (4 << 20) // 512
+    r = send(s, Request.SET_CONFIG, Config(32, 1, 0, b"\0"), need_reply=True)
+    assert r is not None and r.payload == U64(0) and device.config.writeback == 0
+
+
+def test_add_and_remove_memory_regions(session: tuple[BackendSession, RecordingHost]) -> None:
+    s, _ = session
+    negotiate(s)
+    r = send(s, Request.GET_MAX_MEM_SLOTS)
+    assert r is not None and isinstance(r.payload, U64) and r.payload.value >= 8
+    region = MemRegion(GPA, 4096, UADDR, 0)
+    send(s, Request.ADD_MEM_REG, MemRegionMsg(region), fds=(os.eventfd(0),))
+    assert len(s.memory.regions) == 1
+    r = send(s, Request.ADD_MEM_REG, MemRegionMsg(MemRegion(GPA, 4096, UADDR, 0)), need_reply=True, fds=(os.eventfd(0),))
+    assert r is not None and r.payload == U64(1)  # overlaps
+    send(s, Request.REM_MEM_REG, MemRegionMsg(region))
+    assert s.memory.regions == ()
+
+
+def test_close_stops_running_queues(session: tuple[BackendSession, RecordingHost], guest_ram: bytearray) -> None:
+    s, host = session
+    negotiate(s)
+    set_mem(s)
+    setup_ring(s, 1, guest_ram)
+    send(s, Request.SET_VRING_ENABLE, VringState(1, 1))
+    assert host.started == [1]
+    s.close()
+    assert host.stopped == [1]
+    assert s.memory.regions == ()

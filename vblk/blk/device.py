@@ -1,0 +1,262 @@
+"""The virtio-blk device model: features, config space, and request execution.
+
+It knows nothing of vhost-user or threads. The shell hands it descriptor
+chains and gets back the number of bytes written into each; every check the
+guest's input needs (range, alignment, limits, direction, read-only) is here.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from dataclasses import dataclass
+
+from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
+from vblk.blk.defs import (
+    ID_BYTES,
+    SECTOR_SHIFT,
+    SECTOR_SIZE,
+    SEGMENT_SIZE,
+    WRITE_ZEROES_FLAG_UNMAP,
+    Feature,
+    ReqType,
+    Status,
+)
+from vblk.blk.request import BlkRequest, RequestError, parse_request
+from vblk.io.image import Image
+from vblk.virtio import defs as vdefs
+from vblk.virtio.queue import Chain
+
+log = logging.getLogger(__name__)
+
+_SEGMENT = struct.Struct("<QII")
+
+#: Per-request cap on discard and write-zeroes (32 MiB), like QEMU's export.
+MAX_DISCARD_SECTORS = 1 << 16
+MAX_WRITE_ZEROES_SECTORS = 1 << 16
+MAX_DISCARD_SEG = 16
+#: Discards are aligned to 4 KiB, the hole granularity of common filesystems.
+DISCARD_ALIGNMENT_SECTORS = 8
+
+
+@dataclass
+class Stats:
+    """Counters a stage can be observed by (read without locking; they only grow)."""
+
+    requests: int = 0
+    read_bytes: int = 0
+    write_bytes: int = 0
+    flushes: int = 0
+    discards: int = 0
+    write_zeroes: int = 0
+    ioerr: int = 0
+    unsupp: int = 0
+
+
+class BlockDevice:
+    """A virtio-blk device over an :class:`Image`."""
+
+    def __init__(
+        self,
+        image: Image,
+        *,
+        num_queues: int = 1,
+        queue_size: int = 256,
+        read_only: bool = False,
+        serial: str = "",
+    ) -> None:
+        if len(serial.encode()) > ID_BYTES:
+            raise ValueError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
+        self.image = image
+        self.read_only = read_only or image.read_only
+        self.serial = serial.encode()
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.capacity = image.size >> SECTOR_SHIFT
+        self.stats = Stats()
+        self._wce_lock = threading.Lock()
+        self.config = BlkConfig(
+            capacity=self.capacity,
+            # Two descriptors of every chain carry the header and the status.
+            seg_max=max(1, queue_size - 2),
+            blk_size=SECTOR_SIZE,
+            min_io_size=1,
+            writeback=1,
+            num_queues=num_queues,
+            max_discard_sectors=MAX_DISCARD_SECTORS,
+            max_discard_seg=MAX_DISCARD_SEG,
+            discard_sector_alignment=DISCARD_ALIGNMENT_SECTORS,
+            max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS,
+            max_write_zeroes_seg=1,
+            write_zeroes_may_unmap=1,
+        )
+
+    @property
+    def features(self) -> int:
+        """Device feature bits offered to the driver (transport bits included)."""
+        bits = [
+            Feature.SEG_MAX,
+            Feature.BLK_SIZE,
+            Feature.TOPOLOGY,
+            Feature.FLUSH,
+            Feature.CONFIG_WCE,
+            Feature.MQ,
+            vdefs.VIRTIO_F_VERSION_1,
+            vdefs.VIRTIO_F_RING_INDIRECT_DESC,
+            vdefs.VIRTIO_F_RING_EVENT_IDX,
+        ]
+        if self.read_only:
+            bits.append(Feature.RO)
+        else:
+            bits += [Feature.DISCARD, Feature.WRITE_ZEROES]
+        return sum(1 << int(b) for b in bits)
+
+    # -- config space ---------------------------------------------------------
+
+    def read_config(self, offset: int, size: int) -> bytes | None:
+        """GET_CONFIG: bytes of the config space; past its end reads as zero."""
+        if offset < 0 or size < 0 or offset + size > 256:
+            return None
+        return self.config.pack().ljust(max(CONFIG_SIZE, offset + size), b"\0")[
+            offset : offset + size
+        ]
+
+    def write_config(self, offset: int, data: bytes) -> bool:
+        """SET_CONFIG: only ``writeback`` is writable (the CONFIG_WCE toggle)."""
+        if offset != WRITEBACK_OFFSET or len(data) != 1 or data[0] > 1:
+            return False
+        with self._wce_lock:
+            if self.config.writeback and not data[0]:
+                self.image.flush()  # switching to writethrough: nothing cached may be lost
+            self.config.writeback = data[0]
+        log.info("write cache %s", "enabled (writeback)" if data[0] else "disabled (writethrough)")
+        return True
+
+    # -- requests -------------------------------------------------------------
+
+    def handle(self, chain: Chain) -> int | None:
+        """Execute one chain; returns the used length, or None when no status could be written.
+
+        None means the chain had nowhere to put a status byte: the caller marks
+        the queue broken, because the driver cannot learn what happened.
+        """
+        self.stats.requests += 1
+        try:
+            req = parse_request(chain)
+        except RequestError as e:
+            log.warning("queue request %d rejected: %s", chain.head, e.reason)
+            if e.status_buf is None:
+                return None
+            self.stats.ioerr += 1
+            e.status_buf[0] = e.status
+            return 1
+        try:
+            status = self._execute(req)
+        except RequestError as e:
+            log.warning("request type %d sector %d: %s", req.type, req.sector, e.reason)
+            status = e.status
+        except OSError as e:
+            log.error("request type %d sector %d: I/O error: %s", req.type, req.sector, e)
+            status = Status.IOERR
+        if status == Status.IOERR:
+            self.stats.ioerr += 1
+        elif status == Status.UNSUPP:
+            self.stats.unsupp += 1
+        req.status[0] = status
+        written = req.in_len if (status == Status.OK and req.type in _FILLS_IN) else 0
+        return written + 1
+
+    def _fail(self, reason: str, status: Status = Status.IOERR) -> RequestError:
+        return RequestError(reason, status, None)
+
+    def _check_range(self, sector: int, nbytes: int) -> int:
+        if nbytes % SECTOR_SIZE:
+            raise self._fail(f"length {nbytes} is not a multiple of {SECTOR_SIZE}")
+        if sector > self.capacity or (nbytes >> SECTOR_SHIFT) > self.capacity - sector:
+            raise self._fail(f"{nbytes} bytes at sector {sector} run past capacity {self.capacity}")
+        return sector << SECTOR_SHIFT
+
+    def _execute(self, req: BlkRequest) -> Status:
+        t = req.type
+        if t == ReqType.IN:
+            if req.out_len:
+                raise self._fail("IN request carries device-readable data")
+            offset = self._check_range(req.sector, req.in_len)
+            self.image.readv(req.in_, offset)
+            self.stats.read_bytes += req.in_len
+            return Status.OK
+        if t == ReqType.OUT:
+            if req.in_len:
+                raise self._fail("OUT request carries device-writable data")
+            if self.read_only:
+                raise self._fail("write to a read-only disk")
+            offset = self._check_range(req.sector, req.out_len)
+            self.image.writev(req.out, offset)
+            self.stats.write_bytes += req.out_len
+            if not self.config.writeback:
+                self.image.flush()
+            return Status.OK
+        if t == ReqType.FLUSH:
+            if req.out_len or req.in_len:
+                raise self._fail("FLUSH request carries data")
+            self.stats.flushes += 1
+            if not self.read_only:
+                self.image.flush()
+            return Status.OK
+        if t == ReqType.GET_ID:
+            if req.out_len:
+                raise self._fail("GET_ID request carries device-readable data")
+            self._get_id(req)
+            return Status.OK
+        if t == ReqType.DISCARD or t == ReqType.WRITE_ZEROES:
+            self._discard_or_zero(req)
+            return Status.OK
+        return Status.UNSUPP
+
+    def _get_id(self, req: BlkRequest) -> None:
+        answer = self.serial.ljust(ID_BYTES, b"\0")
+        pos = 0
+        for buf in req.in_:
+            n = min(len(buf), ID_BYTES - pos)
+            buf[:n] = answer[pos : pos + n]
+            pos += n
+            if pos >= ID_BYTES:
+                break
+
+    def _discard_or_zero(self, req: BlkRequest) -> None:
+        zero = req.type == ReqType.WRITE_ZEROES
+        if req.in_len:
+            raise self._fail("discard/write-zeroes request carries device-writable data")
+        if self.read_only:
+            raise self._fail("discard/write-zeroes on a read-only disk")
+        if req.out_len == 0 or req.out_len % SEGMENT_SIZE:
+            raise self._fail(f"segment data of {req.out_len} bytes is not a multiple of 16")
+        nseg = req.out_len // SEGMENT_SIZE
+        max_seg = self.config.max_write_zeroes_seg if zero else self.config.max_discard_seg
+        if nseg > max_seg:
+            raise self._fail(f"{nseg} segments exceed the limit of {max_seg}")
+        raw = b"".join(req.out)
+        max_sectors = self.config.max_write_zeroes_sectors if zero else self.config.max_discard_sectors
+        segments = []
+        for i in range(nseg):
+            sector, num, flags = _SEGMENT.unpack_from(raw, i * SEGMENT_SIZE)
+            allowed = WRITE_ZEROES_FLAG_UNMAP if zero else 0
+            if flags & ~allowed:
+                raise RequestError(f"unsupported segment flags {flags:#x}", Status.UNSUPP, None)
+            if num > max_sectors:
+                raise self._fail(f"{num} sectors exceed the limit of {max_sectors}")
+            offset = self._check_range(sector, num << SECTOR_SHIFT)
+            segments.append((offset, num << SECTOR_SHIFT, bool(flags & WRITE_ZEROES_FLAG_UNMAP)))
+        for offset, length, unmap in segments:
+            if not length:
+                continue
+            if zero:
+                self.image.write_zeroes(offset, length, unmap=unmap)
+                self.stats.write_zeroes += 1
+            else:
+                self.image.discard(offset, length)
+                self.stats.discards += 1
+
+
+_FILLS_IN = frozenset({ReqType.IN, ReqType.GET_ID})

@@ -1,0 +1,166 @@
+"""The ``vblk`` command line: ``serve``, ``info`` and ``bench``.
+
+Bad input ends with one ``vblk: error: ...`` line on stderr and a non-zero
+exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from vblk import __version__
+from vblk.errors import VblkError
+
+log = logging.getLogger("vblk")
+
+#: Queues a backend may offer; QEMU's vhost-user-blk accepts up to 1024, far beyond need.
+MAX_NUM_QUEUES = 64
+
+
+class UsageError(VblkError):
+    """The command line asks for something impossible."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _queue_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > 1024 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two up to 1024, got {value}")
+    return value
+
+
+def _size(text: str) -> int:
+    from vblk.io.image import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vblk", description="The virtio-blk I/O stack in Python."
+    )
+    parser.add_argument("--version", action="version", version=f"vblk {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve an image as a vhost-user-blk device",
+        description="Serve IMAGE to a VM (QEMU vhost-user-blk-pci) over a unix socket.",
+    )
+    serve.add_argument("image", metavar="IMAGE", help="raw image file or block device")
+    serve.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    serve.add_argument(
+        "--num-queues", type=_positive_int, default=1, metavar="N", help="queues offered (default 1)"
+    )
+    serve.add_argument(
+        "--queue-size",
+        type=_queue_size,
+        default=256,
+        metavar="N",
+        help="largest queue the driver will use; sets seg_max (default 256)",
+    )
+    serve.add_argument("--read-only", action="store_true", help="refuse writes (guest sees ro=1)")
+    serve.add_argument("--serial", default="", metavar="ID", help="GET_ID answer, 20 bytes at most")
+    serve.add_argument(
+        "--create", type=_size, metavar="SIZE", help="create a sparse IMAGE of SIZE if missing"
+    )
+    serve.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
+    _add_log_level(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    from vblk import bench, info
+
+    info.add_parser(sub)
+    bench.add_parser(sub)
+    return parser
+
+
+def _add_log_level(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default info)",
+    )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vblk.blk.device import BlockDevice
+    from vblk.io.image import Image
+    from vblk.server import Server
+
+    _setup_logging(args.log_level)
+    if args.num_queues > MAX_NUM_QUEUES:
+        raise UsageError(f"--num-queues {args.num_queues} exceeds {MAX_NUM_QUEUES}")
+    if len(args.serial.encode()) > 20:
+        raise UsageError(f"--serial {args.serial!r} is longer than 20 bytes")
+    if args.create is not None and not os.path.exists(args.image):
+        Image.create(args.image, args.create)
+        log.info("created %s (%d bytes, sparse)", args.image, args.create)
+    image = Image(args.image, read_only=args.read_only, direct=args.direct)
+    device = BlockDevice(
+        image,
+        num_queues=args.num_queues,
+        queue_size=args.queue_size,
+        read_only=args.read_only,
+        serial=args.serial,
+    )
+    server = Server(device, args.socket, num_queues=args.num_queues)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s: finishing in-flight requests and shutting down", signal.Signals(signum).name)
+        server.request_shutdown()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    log.info(
+        "serving %s (%d sectors%s) with %d queue(s)",
+        args.image,
+        device.capacity,
+        ", read-only" if device.read_only else "",
+        args.num_queues,
+    )
+    server.serve_forever()
+    image.close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except VblkError as e:
+        print(f"vblk: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

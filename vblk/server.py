@@ -1,0 +1,266 @@
+"""The I/O shell of ``vblk serve``: the unix socket, eventfds and queue threads.
+
+Everything that decides something lives in the sans-IO layers
+(:mod:`vblk.vhost_user.backend`, :mod:`vblk.virtio.queue`,
+:mod:`vblk.blk.device`). This module moves bytes and fds between them and the
+kernel: one thread per queue, so a slow request on one queue never stalls
+another, and the main thread for the control socket.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+
+from vblk.blk.device import BlockDevice
+from vblk.errors import ProtocolError, VblkError
+from vblk.vhost_user.backend import BackendSession, Vring
+from vblk.vhost_user.codec import MessageReader, encode
+from vblk.vhost_user.defs import HEADER_SIZE, MAX_FDS
+
+log = logging.getLogger(__name__)
+
+#: Completions signalled to the driver at least this often within one long batch.
+NOTIFY_BATCH = 16
+#: How long a stopping queue may take to finish its in-flight request.
+STOP_TIMEOUT = 60.0
+
+
+class ServeError(VblkError):
+    """The server cannot start as asked (socket in use, not writable, ...)."""
+
+
+class QueueWorker:
+    """Drains one virtqueue on its own thread whenever the driver kicks it."""
+
+    def __init__(self, vring: Vring, device: BlockDevice) -> None:
+        assert vring.queue is not None
+        self.vring = vring
+        self.queue = vring.queue
+        self.device = device
+        self._stopping = False
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.thread = threading.Thread(
+            target=self._run, name=f"vblk-queue{vring.index}", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Finish the request in hand, signal its completion, and end the thread."""
+        self._stopping = True
+        os.eventfd_write(self._wake, 1)
+        self.thread.join(STOP_TIMEOUT)
+        if self.thread.is_alive():
+            log.error("queue %d did not stop within %.0fs", self.vring.index, STOP_TIMEOUT)
+        else:
+            os.close(self._wake)
+
+    def _run(self) -> None:
+        kick = self.vring.kick_fd
+        poller = select.poll()
+        poller.register(kick, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
+        try:
+            # Requests may already be waiting (a ring resumed after a restart).
+            self._drain()
+            while not self._stopping and self.queue.broken is None:
+                for fd, ev in poller.poll():
+                    if fd == kick:
+                        if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                            log.warning("queue %d: kick fd closed", self.vring.index)
+                            return
+                        os.eventfd_read(kick)
+                if not self._stopping:
+                    self._drain()
+        except Exception:
+            log.exception("queue %d: worker failed; queue stopped", self.vring.index)
+            self.queue.mark_broken("worker failed")
+            self.vring.signal_err()
+
+    def _drain(self) -> None:
+        q = self.queue
+        handle = self.device.handle
+        while True:
+            q.disable_notifications()
+            done = 0
+            while not self._stopping:
+                chain = q.pop()
+                if chain is None:
+                    break
+                written = handle(chain)
+                if written is None:
+                    q.mark_broken(f"request {chain.head} has no status byte: {chain.error}")
+                    break
+                q.push(chain.head, written)
+                done += 1
+                if done % NOTIFY_BATCH == 0 and q.should_notify():
+                    self.vring.signal_call()
+            if q.should_notify():
+                self.vring.signal_call()
+            if q.broken is not None:
+                log.error("queue %d is broken: %s", self.vring.index, q.broken)
+                self.vring.signal_err()
+                return
+            if self._stopping or not q.enable_notifications():
+                return
+
+
+class _ConnectionQueues:
+    """The QueueHost of one connection: a worker per running ring."""
+
+    def __init__(self, device: BlockDevice) -> None:
+        self.device = device
+        self.workers: dict[int, QueueWorker] = {}
+
+    def start_queue(self, vring: Vring) -> None:
+        worker = QueueWorker(vring, self.device)
+        self.workers[vring.index] = worker
+        worker.start()
+
+    def stop_queue(self, vring: Vring) -> None:
+        worker = self.workers.pop(vring.index, None)
+        if worker is not None:
+            worker.stop()
+
+
+class Server:
+    """Listens on a unix socket and serves one frontend at a time, forever."""
+
+    def __init__(self, device: BlockDevice, socket_path: str, *, num_queues: int) -> None:
+        self.device = device
+        self.socket_path = socket_path
+        self.num_queues = num_queues
+        self._shutdown = False
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.listener = self._bind(socket_path)
+
+    @staticmethod
+    def _bind(path: str) -> socket.socket:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ServeError(f"socket {path}: {e.strerror}") from None
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise ServeError(f"socket {path}: exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale socket left by a dead process
+            else:
+                raise ServeError(f"socket {path}: in use by another server")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+            sock.listen(1)
+        except OSError as e:
+            sock.close()
+            raise ServeError(f"socket {path}: cannot listen: {e.strerror}") from None
+        return sock
+
+    def request_shutdown(self) -> None:
+        """Async-signal-safe: ask the serve loop to wind down."""
+        self._shutdown = True
+        os.eventfd_write(self._wake, 1)
+
+    def serve_forever(self) -> None:
+        """Accept frontends one after another until shutdown is requested."""
+        log.info("listening on %s", self.socket_path)
+        try:
+            while not self._shutdown:
+                if not self._wait_readable(self.listener.fileno()):
+                    break
+                conn, _ = self.listener.accept()
+                log.info("frontend connected")
+                try:
+                    self._serve_connection(conn)
+                finally:
+                    conn.close()
+                log.info("frontend disconnected; listening again")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        try:
+            self.device.image.flush()
+        except OSError as e:
+            log.error("final flush failed: %s", e)
+
+    def _wait_readable(self, fd: int) -> bool:
+        """Block until ``fd`` is readable; False if shutdown came first."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
+        while not self._shutdown:
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            if any(f == fd for f, _ in events):
+                return True
+        return False
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        queues = _ConnectionQueues(self.device)
+        session = BackendSession(self.device, queues, num_queues=self.num_queues)
+        reader = MessageReader()
+        try:
+            while self._wait_readable(conn.fileno()):
+                data, fds = self._recv_message(conn)
+                if not data:
+                    return
+                reader.feed(data, fds)
+                while (msg := reader.next()) is not None:
+                    answer = session.handle(msg)
+                    if answer is not None:
+                        conn.sendall(encode(answer))
+        except ProtocolError as e:
+            log.warning("dropping frontend: %s", e)
+        except OSError as e:
+            if e.errno not in (errno.ECONNRESET, errno.EPIPE):
+                raise
+            log.warning("frontend connection lost: %s", e.strerror)
+        finally:
+            reader.close()
+            session.close()
+
+    @staticmethod
+    def _recv_message(conn: socket.socket) -> tuple[bytes, list[int]]:
+        """Read exactly one message: its header (with any fds), then its payload."""
+        fds: list[int] = []
+        header, ancdata, _, _ = conn.recvmsg(
+            HEADER_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_WAITALL | socket.MSG_CMSG_CLOEXEC
+        )
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
+                fds.extend(arr)
+        if len(header) < HEADER_SIZE:
+            for fd in fds:
+                os.close(fd)
+            return b"", []
+        size = int.from_bytes(header[8:12], "little")
+        payload = b""
+        if 0 < size <= 1 << 16:
+            payload = conn.recv(size, socket.MSG_WAITALL)
+        # Oversized headers are left for MessageReader to reject as a ProtocolError.
+        return header + payload, fds

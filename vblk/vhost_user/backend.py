@@ -1,0 +1,496 @@
+"""The backend side of a vhost-user session, as a state machine with no sockets.
+
+``BackendSession.handle`` takes one decoded message and returns the reply to
+send, if any. What needs threads (running a queue) is delegated to a
+:class:`QueueHost`; mapping memory fds is an injected function, so tests can
+drive the whole protocol with bytearrays. Every field the frontend sends is
+checked here; a bad one is logged and answered with an error, never raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vblk.errors import GuestMemoryError, QueueError, VblkError
+from vblk.memory import GuestMemory, map_fd
+from vblk.vhost_user.codec import (
+    Config,
+    Empty,
+    Malformed,
+    MemRegionMsg,
+    MemTable,
+    Message,
+    Payload,
+    U64,
+    VringAddr,
+    VringState,
+    reply,
+)
+from vblk.vhost_user.defs import (
+    FLAG_NEED_REPLY,
+    VRING_IDX_MASK,
+    VRING_NOFD_MASK,
+    ProtocolFeature,
+    Request,
+)
+from vblk.virtio import defs as vdefs
+from vblk.virtio.queue import DeviceQueue
+
+log = logging.getLogger(__name__)
+
+#: Protocol features this backend implements.
+PROTOCOL_FEATURES = (
+    1 << ProtocolFeature.MQ
+    | 1 << ProtocolFeature.REPLY_ACK
+    | 1 << ProtocolFeature.CONFIG
+    | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
+)
+#: Memory slots offered with CONFIGURE_MEM_SLOTS (libvhost-user offers 32 too).
+MAX_MEM_SLOTS = 32
+#: Largest queue accepted; the split ring allows 32768 but nobody needs it here.
+MAX_QUEUE_SIZE = 1024
+
+MapRegion = Callable[[int, int, int], tuple[memoryview, Callable[[], None]]]
+
+
+class Device(Protocol):
+    """What the session needs of a device model (BlockDevice is one)."""
+
+    @property
+    def features(self) -> int: ...
+
+    def read_config(self, offset: int, size: int) -> bytes | None: ...
+
+    def write_config(self, offset: int, data: bytes) -> bool: ...
+
+
+class QueueHost(Protocol):
+    """The I/O shell's part: run a started queue, stop it (draining in-flight work)."""
+
+    def start_queue(self, vring: Vring) -> None: ...
+
+    def stop_queue(self, vring: Vring) -> None: ...
+
+
+@dataclass
+class Vring:
+    """Per-queue state as the frontend configured it."""
+
+    index: int
+    num: int = 0
+    addr: VringAddr | None = None
+    base: int = 0
+    kick_fd: int = -1
+    call_fd: int = -1
+    err_fd: int = -1
+    enabled: bool = False
+    queue: DeviceQueue | None = None
+    _call_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self.queue is not None
+
+    def signal_call(self) -> None:
+        """Interrupt the driver; the lock keeps SET_VRING_CALL from closing the fd under us."""
+        with self._call_lock:
+            if self.call_fd >= 0:
+                os.eventfd_write(self.call_fd, 1)
+
+    def signal_err(self) -> None:
+        with self._call_lock:
+            if self.err_fd >= 0:
+                os.eventfd_write(self.err_fd, 1)
+
+    def set_call_fd(self, fd: int) -> None:
+        with self._call_lock:
+            _close(self.call_fd)
+            self.call_fd = fd
+
+    def set_err_fd(self, fd: int) -> None:
+        with self._call_lock:
+            _close(self.err_fd)
+            self.err_fd = fd
+
+    def close_fds(self) -> None:
+        _close(self.kick_fd)
+        self.kick_fd = -1
+        self.set_call_fd(-1)
+        self.set_err_fd(-1)
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class _Reject(Exception):
+    """A request the session refuses; the reason is logged and NACKed."""
+
+
+class BackendSession:
+    """One frontend connection's protocol state."""
+
+    def __init__(
+        self,
+        device: Device,
+        host: QueueHost,
+        *,
+        num_queues: int,
+        map_region: MapRegion = map_fd,
+    ) -> None:
+        self.device = device
+        self.host = host
+        self.num_queues = num_queues
+        self.map_region = map_region
+        self.memory = GuestMemory()
+        self.vrings = [Vring(i) for i in range(num_queues)]
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.owner = False
+        self._handlers: dict[int, Callable[[Message], Payload | None]] = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.SET_OWNER: self._set_owner,
+            Request.RESET_OWNER: self._reset_owner,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_CONFIG: self._get_config,
+            Request.SET_CONFIG: self._set_config,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
+        }
+        # fds a handler decided to keep; every other fd of a message is closed.
+        self._kept: set[int] = set()
+
+    # -- entry point ----------------------------------------------------------
+
+    def handle(self, msg: Message | Malformed) -> Message | None:
+        """Apply one message; returns the reply to send, or None."""
+        self._kept = set()
+        try:
+            if isinstance(msg, Malformed):
+                log.warning("malformed %s: %s", _name(msg.request), msg.reason)
+                return self._error_reply(msg.request, msg.flags)
+            handler = self._handlers.get(msg.request)
+            if handler is None:
+                log.warning("unsupported request %s", _name(msg.request))
+                return self._error_reply(msg.request, msg.flags)
+            try:
+                payload = handler(msg)
+            except (_Reject, VblkError) as e:
+                log.warning("%s refused: %s", _name(msg.request), e)
+                return self._error_reply(msg.request, msg.flags)
+            if payload is not None:
+                return reply(msg, payload)
+            if self._reply_ack and msg.need_reply:
+                return reply(msg, U64(0))
+            return None
+        finally:
+            for fd in msg.fds:
+                if fd not in self._kept:
+                    _close(fd)
+
+    @property
+    def _reply_ack(self) -> bool:
+        return bool(self.acked_protocol_features & (1 << ProtocolFeature.REPLY_ACK))
+
+    def _error_reply(self, request: int, flags: int) -> Message | None:
+        """The frontend waits for replies to GET_* and to NEED_REPLY requests: answer a failure."""
+        stub = Message(request, flags, Empty())
+        if request == Request.GET_CONFIG:
+            return reply(stub, Config(0, 0, 0, b""))  # a zero size tells QEMU it failed
+        if request == Request.GET_VRING_BASE:
+            return reply(stub, VringState(0, 0))
+        if request in _U64_REPLIES or (flags & FLAG_NEED_REPLY and self._reply_ack):
+            return reply(stub, U64(1 if request not in _U64_REPLIES else 0))
+        return None
+
+    def close(self) -> None:
+        """The connection is gone: stop every queue, release fds and memory."""
+        for vring in self.vrings:
+            self._stop(vring)
+            vring.close_fds()
+        self.memory.clear()
+
+    # -- features -------------------------------------------------------------
+
+    def _get_features(self, msg: Message) -> Payload:
+        return U64(self.device.features | 1 << vdefs.VHOST_USER_F_PROTOCOL_FEATURES)
+
+    def _set_features(self, msg: Message) -> None:
+        value = _u64(msg)
+        offered = self.device.features | 1 << vdefs.VHOST_USER_F_PROTOCOL_FEATURES
+        if value & ~offered:
+            raise _Reject(f"features {value & ~offered:#x} were never offered")
+        self.acked_features = value
+        if not value & (1 << vdefs.VHOST_USER_F_PROTOCOL_FEATURES):
+            # Without protocol features there is no SET_VRING_ENABLE: rings start enabled.
+            for vring in self.vrings:
+                vring.enabled = True
+
+    def _get_protocol_features(self, msg: Message) -> Payload:
+        return U64(PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        value = _u64(msg)
+        if value & ~PROTOCOL_FEATURES:
+            log.info("ignoring unoffered protocol features %#x", value & ~PROTOCOL_FEATURES)
+        self.acked_protocol_features = value & PROTOCOL_FEATURES
+
+    def _set_owner(self, msg: Message) -> None:
+        self.owner = True
+
+    def _reset_owner(self, msg: Message) -> None:
+        for vring in self.vrings:
+            self._stop(vring)
+            vring.close_fds()
+        self.vrings = [Vring(i) for i in range(self.num_queues)]
+        self.acked_features = 0
+        self.owner = False
+
+    def _get_queue_num(self, msg: Message) -> Payload:
+        return U64(self.num_queues)
+
+    # -- memory ---------------------------------------------------------------
+
+    def _set_mem_table(self, msg: Message) -> None:
+        table = msg.payload
+        assert isinstance(table, MemTable)
+        if len(msg.fds) != len(table.regions):
+            raise _Reject(f"{len(table.regions)} regions but {len(msg.fds)} fds")
+        with self._paused():
+            self.memory.clear()
+            for region, fd in zip(table.regions, msg.fds, strict=True):
+                self._map(region.gpa, region.size, region.uaddr, region.mmap_offset, fd)
+
+    def _map(self, gpa: int, size: int, uaddr: int, offset: int, fd: int) -> None:
+        try:
+            view, unmap = self.map_region(fd, size, offset)
+        except (OSError, ValueError, OverflowError) as e:
+            raise _Reject(f"cannot map region gpa={gpa:#x} size={size:#x}: {e}") from None
+        try:
+            self.memory.add(gpa, size, uaddr, view, unmap)
+        except GuestMemoryError:
+            unmap()
+            raise
+        log.debug("mapped gpa=%#x size=%#x uaddr=%#x", gpa, size, uaddr)
+
+    def _get_max_mem_slots(self, msg: Message) -> Payload:
+        return U64(MAX_MEM_SLOTS)
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        payload = msg.payload
+        assert isinstance(payload, MemRegionMsg)
+        if len(msg.fds) != 1:
+            raise _Reject(f"ADD_MEM_REG needs one fd, got {len(msg.fds)}")
+        if len(self.memory.regions) >= MAX_MEM_SLOTS:
+            raise _Reject("all memory slots are in use")
+        r = payload.region
+        self._map(r.gpa, r.size, r.uaddr, r.mmap_offset, msg.fds[0])
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        payload = msg.payload
+        assert isinstance(payload, MemRegionMsg)
+        r = payload.region
+        with self._paused():
+            self.memory.remove(r.gpa, r.size, r.uaddr)
+
+    # -- rings ----------------------------------------------------------------
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < self.num_queues:
+            raise _Reject(f"queue index {index} out of range (have {self.num_queues})")
+        return self.vrings[index]
+
+    def _set_vring_num(self, msg: Message) -> None:
+        state = _state(msg)
+        vring = self._vring(state.index)
+        n = state.num
+        if not 0 < n <= MAX_QUEUE_SIZE or n & (n - 1):
+            raise _Reject(f"queue size {n} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        vring.num = n
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        addr = msg.payload
+        assert isinstance(addr, VringAddr)
+        vring = self._vring(addr.index)
+        vring.addr = addr
+        if vring.running:
+            self._stop(vring)
+            self._maybe_start(vring)
+
+    def _set_vring_base(self, msg: Message) -> None:
+        state = _state(msg)
+        vring = self._vring(state.index)
+        if state.num > 0xFFFF:
+            raise _Reject(f"ring base {state.num} does not fit 16 bits")
+        vring.base = state.num
+
+    def _get_vring_base(self, msg: Message) -> Payload:
+        state = _state(msg)
+        vring = self._vring(state.index)
+        self._stop(vring)
+        _close(vring.kick_fd)
+        vring.kick_fd = -1
+        vring.set_call_fd(-1)
+        return VringState(vring.index, vring.base)
+
+    def _fd_arg(self, msg: Message) -> tuple[Vring, int]:
+        value = _u64(msg)
+        vring = self._vring(value & VRING_IDX_MASK)
+        if value & VRING_NOFD_MASK:
+            return vring, -1
+        if len(msg.fds) != 1:
+            raise _Reject(f"expected one fd, got {len(msg.fds)}")
+        self._kept.add(msg.fds[0])
+        return vring, msg.fds[0]
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        vring, fd = self._fd_arg(msg)
+        if fd < 0:
+            raise _Reject("polling mode (no kick fd) is not supported")
+        self._stop(vring)
+        _close(vring.kick_fd)
+        vring.kick_fd = fd
+        self._maybe_start(vring)
+
+    def _set_vring_call(self, msg: Message) -> None:
+        vring, fd = self._fd_arg(msg)
+        vring.set_call_fd(fd)
+
+    def _set_vring_err(self, msg: Message) -> None:
+        vring, fd = self._fd_arg(msg)
+        vring.set_err_fd(fd)
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        state = _state(msg)
+        vring = self._vring(state.index)
+        if state.num > 1:
+            raise _Reject(f"enable value {state.num} is not 0 or 1")
+        if bool(state.num) == vring.enabled:
+            return
+        vring.enabled = bool(state.num)
+        if vring.enabled:
+            self._maybe_start(vring)
+        else:
+            self._stop(vring)
+
+    def _maybe_start(self, vring: Vring) -> None:
+        """Start a ring once it has size, addresses, memory, a kick fd and is enabled."""
+        if vring.running or vring.kick_fd < 0 or vring.addr is None or not vring.enabled:
+            return
+        if vring.num == 0:
+            raise _Reject(f"queue {vring.index}: started before SET_VRING_NUM")
+        a = vring.addr
+        n = vring.num
+        try:
+            desc = self.memory.translate_uaddr(a.desc, vdefs.desc_table_bytes(n))
+            avail = self.memory.translate_uaddr(a.avail, vdefs.avail_ring_bytes(n))
+            used = self.memory.translate_uaddr(a.used, vdefs.used_ring_bytes(n))
+            if a.desc % 16 or a.avail % 2 or a.used % 4:
+                raise QueueError("ring addresses are misaligned")
+            vring.queue = DeviceQueue(
+                self.memory,
+                n,
+                desc,
+                avail,
+                used,
+                event_idx=bool(self.acked_features & (1 << vdefs.VIRTIO_F_RING_EVENT_IDX)),
+                last_avail_idx=vring.base,
+            )
+        except (GuestMemoryError, QueueError) as e:
+            raise _Reject(f"queue {vring.index}: cannot start: {e}") from None
+        log.info("queue %d started: size %d, base %d", vring.index, n, vring.base)
+        self.host.start_queue(vring)
+
+    def _stop(self, vring: Vring) -> None:
+        """Stop a running ring, keeping its position so it can resume or be reported."""
+        if vring.queue is None:
+            return
+        self.host.stop_queue(vring)
+        vring.base = vring.queue.last_avail_idx
+        vring.queue = None
+        log.info("queue %d stopped at avail index %d", vring.index, vring.base)
+
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
+        """Stop running rings while memory changes under them, then restart them."""
+        running = [v for v in self.vrings if v.running]
+        for v in running:
+            self._stop(v)
+        try:
+            yield
+        finally:
+            for v in running:
+                try:
+                    self._maybe_start(v)
+                except _Reject as e:
+                    log.error("%s", e)
+
+    # -- config space ---------------------------------------------------------
+
+    def _get_config(self, msg: Message) -> Payload:
+        cfg = msg.payload
+        assert isinstance(cfg, Config)
+        data = self.device.read_config(cfg.offset, cfg.size)
+        if data is None:
+            raise _Reject(f"config read of {cfg.size} bytes at {cfg.offset} is out of range")
+        return Config(cfg.offset, len(data), cfg.flags, data)
+
+    def _set_config(self, msg: Message) -> None:
+        cfg = msg.payload
+        assert isinstance(cfg, Config)
+        if not self.device.write_config(cfg.offset, cfg.data):
+            raise _Reject(f"config write of {cfg.size} bytes at {cfg.offset} is not allowed")
+
+
+_U64_REPLIES = frozenset(
+    {
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.GET_QUEUE_NUM,
+        Request.GET_MAX_MEM_SLOTS,
+    }
+)
+
+
+def _u64(msg: Message) -> int:
+    p = msg.payload
+    if not isinstance(p, U64):
+        raise _Reject("expected a u64 payload")
+    return p.value
+
+
+def _state(msg: Message) -> VringState:
+    p = msg.payload
+    if not isinstance(p, VringState):
+        raise _Reject("expected a vring state payload")
+    return p
+
+
+def _name(request: int) -> str:
+    try:
+        return Request(request).name
+    except ValueError:
+        return f"request {request}"
