@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vblk.virtio.queue import Chain
 
 from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
 from vblk.blk.defs import Feature, ReqType, Status
 from vblk.blk.device import MAX_DISCARD_SECTORS, BlockDevice
 from vblk.io.image import Image
-from vblk.virtio.queue import Chain
 
 SIZE = 8 << 20
 
@@ -36,7 +36,9 @@ def mv(data: bytes | int) -> memoryview:
     return memoryview(bytearray(data))
 
 
-def request(dev: BlockDevice, rtype: int, sector: int, out: bytes = b"", in_len: int = 0) -> tuple[int, bytes, int | None]:
+def request(
+    dev: BlockDevice, rtype: int, sector: int, out: bytes = b"", in_len: int = 0
+) -> tuple[int, bytes, int | None]:
     """Run one request; returns (status, data written by the device, used length)."""
     readable = [mv(struct.pack("<IIQ", rtype, 0, sector) + out)]
     data = mv(in_len)
@@ -76,7 +78,9 @@ def test_scatter_gather_read_fills_every_buffer(dev: BlockDevice) -> None:
         (ReqType.OUT, 0, 700),
     ],
 )
-def test_out_of_range_or_misaligned_is_ioerr(dev: BlockDevice, rtype: int, sector: int, nbytes: int) -> None:
+def test_out_of_range_or_misaligned_is_ioerr(
+    dev: BlockDevice, rtype: int, sector: int, nbytes: int
+) -> None:
     if rtype == ReqType.IN:
         st = request(dev, rtype, sector, in_len=nbytes)[0]
     else:
@@ -121,12 +125,16 @@ def test_write_zeroes_with_and_without_unmap(dev: BlockDevice, flags: int) -> No
 
 
 def test_discard_refusals(dev: BlockDevice) -> None:
-    assert request(dev, ReqType.DISCARD, 0, seg(0, 8, flags=1))[0] == Status.UNSUPP  # unmap on discard
+    assert (
+        request(dev, ReqType.DISCARD, 0, seg(0, 8, flags=1))[0] == Status.UNSUPP
+    )  # unmap on discard
     assert request(dev, ReqType.WRITE_ZEROES, 0, seg(0, 8, flags=2))[0] == Status.UNSUPP
     assert request(dev, ReqType.DISCARD, 0, seg(SIZE // 512 - 4, 8))[0] == Status.IOERR
     assert request(dev, ReqType.DISCARD, 0, seg(0, MAX_DISCARD_SECTORS + 1))[0] == Status.IOERR
     assert request(dev, ReqType.DISCARD, 0, b"short")[0] == Status.IOERR
-    assert request(dev, ReqType.WRITE_ZEROES, 0, seg(0, 8) + seg(8, 8))[0] == Status.IOERR  # 1 segment max
+    assert (
+        request(dev, ReqType.WRITE_ZEROES, 0, seg(0, 8) + seg(8, 8))[0] == Status.IOERR
+    )  # 1 segment max
 
 
 def test_read_only_refuses_every_write(image_path: Path) -> None:

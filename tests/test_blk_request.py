@@ -3,10 +3,10 @@
 import struct
 
 import pytest
+from vblk.virtio.queue import Chain
 
 from vblk.blk.defs import ReqType, Status
 from vblk.blk.request import RequestError, parse_request
-from vblk.virtio.queue import Chain
 
 
 def hdr(rtype: int, sector: int) -> memoryview:
@@ -35,7 +35,11 @@ def test_status_byte_shares_the_last_data_descriptor() -> None:
 
 def test_header_split_across_descriptors() -> None:
     h = bytes(hdr(ReqType.OUT, 0x1122334455))
-    parts = [memoryview(bytearray(h[:3])), memoryview(bytearray(h[3:12])), memoryview(bytearray(h[12:] + b"D" * 512))]
+    parts = [
+        memoryview(bytearray(h[:3])),
+        memoryview(bytearray(h[3:12])),
+        memoryview(bytearray(h[12:] + b"D" * 512)),
+    ]
     req = parse_request(Chain(2, parts, [buf(1)]))
     assert (req.type, req.sector, req.out_len) == (ReqType.OUT, 0x1122334455, 512)
     assert bytes(req.out[0]) == b"D" * 512

@@ -36,11 +36,16 @@ def img(tmp_path: Path) -> Path:
 
 
 def test_missing_image(tmp_path: Path) -> None:
-    one_error_line(vblk("serve", str(tmp_path / "nope.img"), "--socket", str(tmp_path / "s")), "no such image")
+    one_error_line(
+        vblk("serve", str(tmp_path / "nope.img"), "--socket", str(tmp_path / "s")), "no such image"
+    )
 
 
 def test_bad_create_size(tmp_path: Path) -> None:
-    one_error_line(vblk("serve", str(tmp_path / "n.img"), "--socket", str(tmp_path / "s"), "--create", "12Q"), "bad size")
+    one_error_line(
+        vblk("serve", str(tmp_path / "n.img"), "--socket", str(tmp_path / "s"), "--create", "12Q"),
+        "bad size",
+    )
 
 
 def test_image_not_multiple_of_512(tmp_path: Path) -> None:
@@ -50,15 +55,22 @@ def test_image_not_multiple_of_512(tmp_path: Path) -> None:
 
 
 def test_num_queues_zero(img: Path, tmp_path: Path) -> None:
-    one_error_line(vblk("serve", str(img), "--socket", str(tmp_path / "s"), "--num-queues", "0"), "--num-queues")
+    one_error_line(
+        vblk("serve", str(img), "--socket", str(tmp_path / "s"), "--num-queues", "0"),
+        "--num-queues",
+    )
 
 
 def test_serial_too_long(img: Path, tmp_path: Path) -> None:
-    one_error_line(vblk("serve", str(img), "--socket", str(tmp_path / "s"), "--serial", "x" * 21), "20 bytes")
+    one_error_line(
+        vblk("serve", str(img), "--socket", str(tmp_path / "s"), "--serial", "x" * 21), "20 bytes"
+    )
 
 
 def test_socket_dir_not_writable(img: Path, tmp_path: Path) -> None:
-    one_error_line(vblk("serve", str(img), "--socket", str(tmp_path / "no" / "dir" / "s")), "cannot listen")
+    one_error_line(
+        vblk("serve", str(img), "--socket", str(tmp_path / "no" / "dir" / "s")), "cannot listen"
+    )
 
 
 def test_socket_path_is_a_regular_file(img: Path, tmp_path: Path) -> None:

@@ -10,7 +10,14 @@ from vblk.io.image import Image, ImageError, parse_size
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4096", 4096), ("1K", 1024), ("512M", 512 << 20), ("1G", 1 << 30), ("2GiB", 2 << 30), ("1t", 1 << 40)],
+    [
+        ("4096", 4096),
+        ("1K", 1024),
+        ("512M", 512 << 20),
+        ("1G", 1 << 30),
+        ("2GiB", 2 << 30),
+        ("1t", 1 << 40),
+    ],
 )
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
@@ -81,4 +88,8 @@ def test_write_zeroes_fallback_to_writing(tmp_path: Path, monkeypatch: pytest.Mo
     finally:
         img.close()
     data = p.read_bytes()
-    assert data[4096:12288] == bytes(8192) and data[:4096] == b"\xff" * 4096 and data[12288:13000] == b"\xff" * 712
+    assert (
+        data[4096:12288] == bytes(8192)
+        and data[:4096] == b"\xff" * 4096
+        and data[12288:13000] == b"\xff" * 712
+    )

@@ -8,26 +8,26 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from vblk.blk.defs import ReqType, Status
-from vblk.blk.device import BlockDevice
-from vblk.io.image import Image
-from vblk.vhost_user.backend import PROTOCOL_FEATURES, BackendSession, Vring
 from vblk.vhost_user.codec import (
+    U64,
     Config,
     Malformed,
     MemRegion,
     MemRegionMsg,
     MemTable,
     Message,
-    U64,
     VringAddr,
     VringState,
     request,
 )
 from vblk.vhost_user.defs import FLAG_REPLY, ProtocolFeature, Request
-from vblk.virtio import defs as vdefs
 from vblk.virtio.driver import DriverQueue
+
+from vblk.blk.defs import ReqType, Status
+from vblk.blk.device import BlockDevice
+from vblk.io.image import Image
+from vblk.vhost_user.backend import PROTOCOL_FEATURES, BackendSession, Vring
+from vblk.virtio import defs as vdefs
 
 GPA = 0x10000
 UADDR = 0x7F0000000000
@@ -79,8 +79,19 @@ def session(device: BlockDevice, guest_ram: bytearray) -> tuple[BackendSession, 
     return BackendSession(device, host, num_queues=2, map_region=fake_map(guest_ram)), host
 
 
-def send(s: BackendSession, req: Request, payload: object = None, *, need_reply: bool = False, fds: tuple[int, ...] = ()) -> Message | None:
-    msg = request(req, payload, need_reply=need_reply, fds=fds) if payload is not None else request(req, need_reply=need_reply, fds=fds)  # type: ignore[arg-type]
+def send(
+    s: BackendSession,
+    req: Request,
+    payload: object = None,
+    *,
+    need_reply: bool = False,
+    fds: tuple[int, ...] = (),
+) -> Message | None:
+    msg = (
+        request(req, payload, need_reply=need_reply, fds=fds)
+        if payload is not None
+        else request(req, need_reply=need_reply, fds=fds)
+    )  # type: ignore[arg-type]
     return s.handle(msg)
 
 
@@ -107,7 +118,18 @@ def setup_ring(s: BackendSession, index: int, ram: bytearray) -> DriverQueue:
     )
     send(s, Request.SET_VRING_NUM, VringState(index, QSIZE))
     send(s, Request.SET_VRING_BASE, VringState(index, 0))
-    send(s, Request.SET_VRING_ADDR, VringAddr(index, 0, UADDR + base + layout.desc, UADDR + base + layout.used, UADDR + base + layout.avail, 0))
+    send(
+        s,
+        Request.SET_VRING_ADDR,
+        VringAddr(
+            index,
+            0,
+            UADDR + base + layout.desc,
+            UADDR + base + layout.used,
+            UADDR + base + layout.avail,
+            0,
+        ),
+    )
     send(s, Request.SET_VRING_CALL, U64(index), fds=(os.eventfd(0),))
     send(s, Request.SET_VRING_KICK, U64(index), fds=(os.eventfd(0),))
     return drv
@@ -127,21 +149,30 @@ def test_feature_negotiation(session: tuple[BackendSession, RecordingHost]) -> N
     assert feats & (1 << vdefs.VIRTIO_F_RING_EVENT_IDX)
     r = send(s, Request.GET_PROTOCOL_FEATURES)
     assert r is not None and isinstance(r.payload, U64)
-    for bit in (ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS):
+    for bit in (
+        ProtocolFeature.MQ,
+        ProtocolFeature.REPLY_ACK,
+        ProtocolFeature.CONFIG,
+        ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    ):
         assert r.payload.value & (1 << bit)
     r = send(s, Request.GET_QUEUE_NUM)
     assert r is not None and r.payload == U64(2)
     assert r.flags & FLAG_REPLY
 
 
-def test_unoffered_features_are_refused_with_nack(session: tuple[BackendSession, RecordingHost]) -> None:
+def test_unoffered_features_are_refused_with_nack(
+    session: tuple[BackendSession, RecordingHost],
+) -> None:
     s, _ = session
     negotiate(s)
     r = send(s, Request.SET_FEATURES, U64(1 << 63), need_reply=True)
     assert r is not None and r.payload == U64(1)
 
 
-def test_ring_starts_only_when_enabled_and_round_trips_a_read(session: tuple[BackendSession, RecordingHost], guest_ram: bytearray, device: BlockDevice) -> None:
+def test_ring_starts_only_when_enabled_and_round_trips_a_read(
+    session: tuple[BackendSession, RecordingHost], guest_ram: bytearray, device: BlockDevice
+) -> None:
     s, host = session
     negotiate(s)
     set_mem(s)
@@ -172,7 +203,9 @@ def test_ring_starts_only_when_enabled_and_round_trips_a_read(session: tuple[Bac
     assert s.vrings[0].kick_fd == -1
 
 
-def test_bad_messages_get_error_replies_not_exceptions(session: tuple[BackendSession, RecordingHost]) -> None:
+def test_bad_messages_get_error_replies_not_exceptions(
+    session: tuple[BackendSession, RecordingHost],
+) -> None:
     s, host = session
     negotiate(s)
     cases = [
@@ -212,7 +245,9 @@ def test_unkept_fds_are_closed(session: tuple[BackendSession, RecordingHost]) ->
         os.fstat(fd)
 
 
-def test_config_read_and_writeback_toggle(session: tuple[BackendSession, RecordingHost], device: BlockDevice) -> None:
+def test_config_read_and_writeback_toggle(
+    session: tuple[BackendSession, RecordingHost], device: BlockDevice
+) -> None:
     s, _ = session
     negotiate(s)
     r = send(s, Request.GET_CONFIG, Config(0, 60, 0, bytes(60)))
@@ -230,13 +265,21 @@ def test_add_and_remove_memory_regions(session: tuple[BackendSession, RecordingH
     region = MemRegion(GPA, 4096, UADDR, 0)
     send(s, Request.ADD_MEM_REG, MemRegionMsg(region), fds=(os.eventfd(0),))
     assert len(s.memory.regions) == 1
-    r = send(s, Request.ADD_MEM_REG, MemRegionMsg(MemRegion(GPA, 4096, UADDR, 0)), need_reply=True, fds=(os.eventfd(0),))
+    r = send(
+        s,
+        Request.ADD_MEM_REG,
+        MemRegionMsg(MemRegion(GPA, 4096, UADDR, 0)),
+        need_reply=True,
+        fds=(os.eventfd(0),),
+    )
     assert r is not None and r.payload == U64(1)  # overlaps
     send(s, Request.REM_MEM_REG, MemRegionMsg(region))
     assert s.memory.regions == ()
 
 
-def test_close_stops_running_queues(session: tuple[BackendSession, RecordingHost], guest_ram: bytearray) -> None:
+def test_close_stops_running_queues(
+    session: tuple[BackendSession, RecordingHost], guest_ram: bytearray
+) -> None:
     s, host = session
     negotiate(s)
     set_mem(s)

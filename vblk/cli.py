@@ -54,9 +54,7 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vblk", description="The virtio-blk I/O stack in Python."
-    )
+    parser = argparse.ArgumentParser(prog="vblk", description="The virtio-blk I/O stack in Python.")
     parser.add_argument("--version", action="version", version=f"vblk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -68,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("image", metavar="IMAGE", help="raw image file or block device")
     serve.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
     serve.add_argument(
-        "--num-queues", type=_positive_int, default=1, metavar="N", help="queues offered (default 1)"
+        "--num-queues",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="queues offered (default 1)",
     )
     serve.add_argument(
         "--queue-size",

@@ -247,7 +247,9 @@ class Server:
         """Read exactly one message: its header (with any fds), then its payload."""
         fds: list[int] = []
         header, ancdata, _, _ = conn.recvmsg(
-            HEADER_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_WAITALL | socket.MSG_CMSG_CLOEXEC
+            HEADER_SIZE,
+            socket.CMSG_SPACE(MAX_FDS * 4),
+            socket.MSG_WAITALL | socket.MSG_CMSG_CLOEXEC,
         )
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

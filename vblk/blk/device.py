@@ -237,7 +237,9 @@ class BlockDevice:
         if nseg > max_seg:
             raise self._fail(f"{nseg} segments exceed the limit of {max_seg}")
         raw = b"".join(req.out)
-        max_sectors = self.config.max_write_zeroes_sectors if zero else self.config.max_discard_sectors
+        max_sectors = (
+            self.config.max_write_zeroes_sectors if zero else self.config.max_discard_sectors
+        )
         segments = []
         for i in range(nseg):
             sector, num, flags = _SEGMENT.unpack_from(raw, i * SEGMENT_SIZE)

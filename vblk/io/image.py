@@ -86,7 +86,7 @@ class Image:
             self.is_block_device = stat.S_ISBLK(st.st_mode)
             if self.is_block_device:
                 buf = fcntl.ioctl(self.fd, _BLKGETSIZE64, b"\0" * 8)
-                self.size = struct.unpack("<Q", buf)[0]
+                self.size: int = struct.unpack("<Q", buf)[0]
             elif stat.S_ISREG(st.st_mode):
                 self.size = st.st_size
             else:
@@ -94,9 +94,7 @@ class Image:
             if self.size == 0:
                 raise ImageError(f"{path}: image is empty")
             if self.size % SECTOR:
-                raise ImageError(
-                    f"{path}: size {self.size} is not a multiple of {SECTOR} bytes"
-                )
+                raise ImageError(f"{path}: size {self.size} is not a multiple of {SECTOR} bytes")
         except BaseException:
             os.close(self.fd)
             raise
@@ -130,7 +128,10 @@ class Image:
         self._rw(os.pwritev, bufs, offset)
 
     def _rw(
-        self, fn: Callable[[int, list[memoryview], int], int], bufs: Sequence[memoryview], offset: int
+        self,
+        fn: Callable[[int, list[memoryview], int], int],
+        bufs: Sequence[memoryview],
+        offset: int,
     ) -> None:
         pending = [b for b in bufs if len(b)]
         while pending:
@@ -176,7 +177,10 @@ class Image:
             fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("<QQ", offset, length))
             return
         modes = [_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE] if unmap else []
-        modes += [_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE]
+        modes += [
+            _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE,
+            _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+        ]
         for mode in modes:
             try:
                 fallocate(self.fd, mode, offset, length)

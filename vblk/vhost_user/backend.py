@@ -20,6 +20,7 @@ from typing import Protocol
 from vblk.errors import GuestMemoryError, QueueError, VblkError
 from vblk.memory import GuestMemory, map_fd
 from vblk.vhost_user.codec import (
+    U64,
     Config,
     Empty,
     Malformed,
@@ -27,7 +28,6 @@ from vblk.vhost_user.codec import (
     MemTable,
     Message,
     Payload,
-    U64,
     VringAddr,
     VringState,
     reply,
