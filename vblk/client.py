@@ -911,9 +911,7 @@ class Device:
         with self.alloc(SEGMENT_SIZE) as seg:
             for pos in range(0, length, step):
                 n = min(step, length - pos)
-                _SEGMENT.pack_into(
-                    seg.view, 0, (offset + pos) >> SECTOR_SHIFT, n >> SECTOR_SHIFT, flags
-                )
+                pack_segment(seg.view, offset + pos, n, flags)
                 status = self._run(rtype, 0, [(seg.gpa, SEGMENT_SIZE)], ())
                 self._raise(status, f"{what} of {n} bytes at {offset + pos}")
 
@@ -1021,6 +1019,11 @@ def connect(
         timeout=timeout,
         event_idx=event_idx,
     )
+
+
+def pack_segment(view: memoryview, offset: int, length: int, flags: int = 0) -> None:
+    """A discard/write-zeroes segment for ``length`` bytes at byte ``offset``."""
+    _SEGMENT.pack_into(view, 0, offset >> SECTOR_SHIFT, length >> SECTOR_SHIFT, flags)
 
 
 def _round_up(n: int, align: int) -> int:
