@@ -126,10 +126,11 @@ class VirtioBlkError(VblkError, OSError):
 
     @staticmethod
     def for_status(status: int, what: str) -> VirtioBlkError:
-        cls = {Status.IOERR: DeviceIOError, Status.UNSUPP: UnsupportedRequest}.get(
-            status, VirtioBlkError
-        )
-        return cls(status, what)
+        if status == Status.IOERR:
+            return DeviceIOError(status, what)
+        if status == Status.UNSUPP:
+            return UnsupportedRequest(status, what)
+        return VirtioBlkError(status, what)
 
 
 class DeviceIOError(VirtioBlkError):
@@ -726,7 +727,7 @@ class Device:
             self._memfd = -1
         if self._mm is not None:
             for q in self.queues:
-                q.ring = None  # type: ignore[assignment]  # drop ring views before unmapping
+                del q.ring  # its views pin the mapping
                 q._slots.release()
             try:
                 self.mem.release()
