@@ -1,0 +1,306 @@
+"""Device side of a split virtqueue (virtio 1.2, section 2.7).
+
+The driver is untrusted: every index it writes is range checked, every
+address goes through :class:`~vblk.memory.GuestMemory`, and a chain that
+breaks the rules comes back with :attr:`Chain.error` set instead of raising,
+so the device can fail that one request (or the queue) and carry on.
+
+Memory ordering: CPython offers no fence primitive. Ring fields are read and
+written with native-order single loads/stores (the ``<`` struct codes move
+one byte at a time, which a concurrent reader could see torn), which on
+little-endian hosts keeps each u16 index update atomic. Stores stay in program
+order on x86, so the only reordering that matters there is a store followed
+by a load (the notification handshakes); :func:`_fence` takes a lock, whose
+locked read-modify-write orders them.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import sys
+import threading
+from dataclasses import dataclass
+
+from vblk.errors import GuestMemoryError, QueueError
+from vblk.memory import GuestMemory
+from vblk.virtio.defs import (
+    MAX_QUEUE_SIZE,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    avail_ring_bytes,
+    desc_table_bytes,
+    need_event,
+    used_ring_bytes,
+)
+
+__all__ = ["MAX_CHAIN_BYTES", "MAX_INDIRECT_ENTRIES", "Chain", "DeviceQueue", "check_ring"]
+
+log = logging.getLogger(__name__)
+
+# Native order on little-endian hosts: one load/store per field (see module doc).
+_BO = "@" if sys.byteorder == "little" else "<"
+_U16 = struct.Struct(_BO + "H")
+_DESC = struct.Struct(_BO + "QIHH")  # addr, len, flags, next
+_USED_ELEM = struct.Struct(_BO + "II")  # id, len
+_FENCE_LOCK = threading.Lock()
+
+#: A chain may describe at most this many bytes, since the used length is u32
+#: (virtio 1.2, 2.7.5.2: no chain longer than 2**32 bytes).
+MAX_CHAIN_BYTES = 0xFFFFFFFF
+#: Upper bound on an indirect table; nothing sensible needs more than a ring's worth.
+MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
+
+
+def _fence() -> None:
+    """A full barrier between a ring store and the following load, as far as Python allows."""
+    with _FENCE_LOCK:
+        pass
+
+
+def check_ring(size: int, desc: memoryview, avail: memoryview, used: memoryview) -> None:
+    """Raise QueueError unless ``size`` is a valid split-ring size and the views fit it."""
+    if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+        raise QueueError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+    for name, view, need in (
+        ("descriptor table", desc, desc_table_bytes(size)),
+        ("avail ring", avail, avail_ring_bytes(size)),
+        ("used ring", used, used_ring_bytes(size)),
+    ):
+        if view.nbytes < need:
+            raise QueueError(f"{name} is {view.nbytes} bytes, needs {need} for size {size}")
+        if view.readonly:
+            raise QueueError(f"{name} is read-only")
+
+
+def _flat(view: memoryview) -> memoryview:
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+@dataclass(slots=True)
+class Chain:
+    """One request as the device sees it: guest buffers, device-readable first.
+
+    ``error`` set means the walk stopped at a rule violation; the lists keep
+    the segments validated before it, so a device can still find a status
+    byte to report the failure in.
+    """
+
+    head: int
+    readable: list[memoryview]
+    writable: list[memoryview]
+    error: str | None = None
+
+    @property
+    def readable_len(self) -> int:
+        return sum(len(b) for b in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(b) for b in self.writable)
+
+
+class DeviceQueue:
+    """The device's view of one split ring in guest memory.
+
+    ``desc``/``avail``/``used`` are views of the three ring parts (already
+    translated, at least as long as the sizes in :mod:`vblk.virtio.defs`).
+    ``last_avail_idx`` is where the previous owner stopped (vhost-user
+    SET_VRING_BASE); the used index is resumed from the ring itself.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc: memoryview,
+        avail: memoryview,
+        used: memoryview,
+        *,
+        event_idx: bool,
+        last_avail_idx: int = 0,
+        indirect: bool = True,
+    ) -> None:
+        check_ring(size, desc, avail, used)
+        if not 0 <= last_avail_idx <= 0xFFFF:
+            raise QueueError(f"avail index {last_avail_idx} is not a u16")
+        self.mem = mem
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._desc = _flat(desc)
+        self._avail = _flat(avail)
+        self._used = _flat(used)
+        self._mask = size - 1
+        self._used_event_off = 4 + 2 * size  # in avail
+        self._avail_event_off = 4 + 8 * size  # in used
+        self.last_avail_idx = last_avail_idx
+        # avail->idx as last read: while we are behind it there is no need to
+        # read (and re-validate) the shared field again.
+        self._shadow_avail_idx = last_avail_idx
+        self.used_idx: int = _U16.unpack_from(self._used, 2)[0]
+        # used idx at the last notification decision; None until the first one,
+        # which must signal since we do not know what the driver has seen.
+        self._signalled: int | None = None
+        self.broken: str | None = None
+
+    # -- consuming requests ------------------------------------------------------
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None when the ring is empty or broken."""
+        if self.broken is not None:
+            return None
+        last = self.last_avail_idx
+        if last == self._shadow_avail_idx:
+            idx: int = _U16.unpack_from(self._avail, 2)[0]
+            if (idx - last) & 0xFFFF > self.size:
+                self.mark_broken(f"avail index {idx} is more than {self.size} ahead of {last}")
+                return None
+            self._shadow_avail_idx = idx
+            if idx == last:
+                return None
+        head: int = _U16.unpack_from(self._avail, 4 + 2 * (last & self._mask))[0]
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        if head >= self.size:
+            self.mark_broken(f"avail entry {last} names descriptor {head} of {self.size}")
+            return None
+        return self._walk(head)
+
+    def _walk(self, head: int) -> Chain:
+        """Follow a chain from ``head``, validating as it goes."""
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        chain = Chain(head, readable, writable)
+        translate = self.mem.translate
+        unpack = _DESC.unpack_from
+        table = self._desc
+        limit = ttl = self.size  # a direct chain visits each descriptor at most once
+        in_table = False
+        total = 0
+        i = head
+        while True:
+            if ttl == 0:
+                chain.error = f"chain longer than {limit} descriptors (loop?)"
+                return chain
+            ttl -= 1
+            addr, length, flags, nxt = unpack(table, i << 4)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                # The WRITE flag of this descriptor is meaningless and ignored (2.7.5.3.2).
+                if not self.indirect:
+                    chain.error = f"descriptor {i}: indirect descriptors not negotiated"
+                elif in_table:
+                    chain.error = f"descriptor {i}: indirect descriptor in an indirect table"
+                elif flags & VIRTQ_DESC_F_NEXT:
+                    chain.error = f"descriptor {i}: INDIRECT together with NEXT"
+                elif not length or length & 15 or length > MAX_INDIRECT_ENTRIES << 4:
+                    chain.error = f"descriptor {i}: bad indirect table length {length}"
+                else:
+                    try:
+                        table = translate(addr, length)
+                    except GuestMemoryError as e:
+                        chain.error = f"descriptor {i}: indirect table: {e}"
+                if chain.error is not None:
+                    return chain
+                in_table = True
+                limit = ttl = length >> 4
+                i = 0
+                continue
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                chain.error = f"descriptor {i}: chain exceeds {MAX_CHAIN_BYTES} bytes"
+                return chain
+            try:
+                buf = translate(addr, length)
+            except GuestMemoryError as e:
+                chain.error = f"descriptor {i}: {e}"
+                return chain
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append(buf)
+            elif writable:
+                chain.error = f"descriptor {i}: device-readable after device-writable"
+                return chain
+            else:
+                readable.append(buf)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return chain
+            if nxt >= limit:
+                chain.error = f"descriptor {i}: next {nxt} out of range {limit}"
+                return chain
+            i = nxt
+
+    # -- completing requests -----------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        """Return chain ``head`` to the driver with ``written`` bytes filled in."""
+        if not 0 <= head < self.size:
+            raise QueueError(f"push of descriptor {head} outside queue of {self.size}")
+        idx = self.used_idx
+        _USED_ELEM.pack_into(self._used, 4 + 8 * (idx & self._mask), head, written)
+        # The element must be visible before the index that publishes it; stores
+        # are not reordered with each other on x86, and there is no fence to issue.
+        idx = (idx + 1) & 0xFFFF
+        _U16.pack_into(self._used, 2, idx)
+        self.used_idx = idx
+
+    def should_notify(self) -> bool:
+        """Whether to interrupt the driver for what was pushed since the last decision.
+
+        With EVENT_IDX the driver says, through used_event, which used index it
+        wants to hear about; otherwise it can only switch interrupts off with
+        NO_INTERRUPT. In both cases, nothing new since the last decision needs
+        no interrupt.
+        """
+        _fence()  # our used->idx store before the driver's flag / used_event load
+        new = self.used_idx
+        old = self._signalled
+        self._signalled = new
+        if old is None:
+            return True
+        if self.event_idx:
+            event: int = _U16.unpack_from(self._avail, self._used_event_off)[0]
+            return need_event(event, new, old)
+        if new == old:
+            return False
+        flags: int = _U16.unpack_from(self._avail, 0)[0]
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    # -- kick suppression ------------------------------------------------------
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick while we are draining the ring anyway.
+
+        With EVENT_IDX this writes nothing, as rust-vmm and Linux vhost do:
+        avail_event keeps the value from the last enable, so the driver kicks at
+        most once more (when it crosses that index) and then stays quiet.
+        Updating avail_event on every pop, as libvhost-user does, would instead
+        keep kicks coming while we are busy.
+        """
+        if not self.event_idx:
+            flags: int = _U16.unpack_from(self._used, 0)[0]
+            _U16.pack_into(self._used, 0, flags | VIRTQ_USED_F_NO_NOTIFY)
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again; True if the driver added work meanwhile (keep draining).
+
+        The re-check after the store closes the race with a driver that
+        published a chain just before it could see kicks were wanted.
+        """
+        if self.event_idx:
+            _U16.pack_into(self._used, self._avail_event_off, self.last_avail_idx)
+        else:
+            flags: int = _U16.unpack_from(self._used, 0)[0]
+            _U16.pack_into(self._used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY & 0xFFFF)
+        _fence()  # our store before the avail->idx load
+        if self.broken is not None:
+            return False
+        idx: int = _U16.unpack_from(self._avail, 2)[0]
+        return idx != self.last_avail_idx
+
+    def mark_broken(self, reason: str) -> None:
+        """Stop serving this ring; the first reason sticks."""
+        if self.broken is None:
+            self.broken = reason
+            log.error("virtqueue broken: %s", reason)
