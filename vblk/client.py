@@ -471,10 +471,10 @@ class Device:
         try:
             try:
                 self._sock.connect(path)
-            except (FileNotFoundError, ConnectionRefusedError) as e:
-                raise Disconnected(f"cannot connect to {path}: {e.strerror}") from None
             except TimeoutError:
                 raise ClientTimeout(f"connecting to {path} took over {timeout:g}s") from None
+            except OSError as e:
+                raise Disconnected(f"cannot connect to {path}: {e.strerror}") from None
             self._negotiate(num_queues, event_idx)
             self._setup_memory(mem_size, num_queues, queue_size)
             self._start_queues(event_idx)
@@ -585,6 +585,9 @@ class Device:
             raise Disconnected(f"backend connection failed: {e.strerror}") from None
         if not data:
             raise Disconnected("backend closed the connection")
+        if self._ctl_lock.locked():
+            time.sleep(0.001)  # a control reply (close() from another thread) is arriving
+            return
         raise ProtocolError("backend sent an unsolicited message on the control socket")
 
     # -- setup ------------------------------------------------------------------------
