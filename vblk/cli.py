@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import NoReturn
 
 from vblk import __version__
 from vblk.errors import VblkError
@@ -25,6 +26,13 @@ MAX_NUM_QUEUES = 64
 
 class UsageError(VblkError):
     """The command line asks for something impossible."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, with a hint instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -54,7 +62,7 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vblk", description="The virtio-blk I/O stack in Python.")
+    parser = _Parser(prog="vblk", description="The virtio-blk I/O stack in Python.")
     parser.add_argument("--version", action="version", version=f"vblk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
