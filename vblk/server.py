@@ -46,6 +46,12 @@ class QueueWorker:
         self.device = device
         self._stopping = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        # What the driver asked of us and what we asked of it: with EVENT_IDX
+        # both kicks and interrupts stay well below the request count.
+        self.kicks = 0
+        self.interrupts = 0
+        self.requests = 0
+        self.batches = 0
         self.thread = threading.Thread(
             target=self._run, name=f"vblk-queue{vring.index}", daemon=True
         )
@@ -60,8 +66,16 @@ class QueueWorker:
         self.thread.join(STOP_TIMEOUT)
         if self.thread.is_alive():
             log.error("queue %d did not stop within %.0fs", self.vring.index, STOP_TIMEOUT)
-        else:
-            os.close(self._wake)
+            return
+        os.close(self._wake)
+        log.info(
+            "queue %d: %d requests in %d batches, %d kicks, %d interrupts",
+            self.vring.index,
+            self.requests,
+            self.batches,
+            self.kicks,
+            self.interrupts,
+        )
 
     def _run(self) -> None:
         kick = self.vring.kick_fd
@@ -77,7 +91,7 @@ class QueueWorker:
                         if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                             log.warning("queue %d: kick fd closed", self.vring.index)
                             return
-                        os.eventfd_read(kick)
+                        self.kicks += os.eventfd_read(kick)
                 if not self._stopping:
                     self._drain()
         except Exception:
@@ -85,9 +99,14 @@ class QueueWorker:
             self.queue.mark_broken("worker failed")
             self.vring.signal_err()
 
+    def _notify(self) -> None:
+        self.interrupts += 1
+        self.vring.signal_call()
+
     def _drain(self) -> None:
         q = self.queue
         handle = self.device.handle
+        self.batches += 1
         while True:
             q.disable_notifications()
             done = 0
@@ -102,9 +121,10 @@ class QueueWorker:
                 q.push(chain.head, written)
                 done += 1
                 if done % NOTIFY_BATCH == 0 and q.should_notify():
-                    self.vring.signal_call()
+                    self._notify()
+            self.requests += done
             if q.should_notify():
-                self.vring.signal_call()
+                self._notify()
             if q.broken is not None:
                 log.error("queue %d is broken: %s", self.vring.index, q.broken)
                 self.vring.signal_err()
