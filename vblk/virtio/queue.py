@@ -5,13 +5,15 @@ address goes through :class:`~vblk.memory.GuestMemory`, and a chain that
 breaks the rules comes back with :attr:`Chain.error` set instead of raising,
 so the device can fail that one request (or the queue) and carry on.
 
-Memory ordering: CPython offers no fence primitive. Ring fields are read and
-written with native-order single loads/stores (the ``<`` struct codes move
-one byte at a time, which a concurrent reader could see torn), which on
-little-endian hosts keeps each u16 index update atomic. Stores stay in program
-order on x86, so the only reordering that matters there is a store followed
-by a load (the notification handshakes); :func:`_fence` takes a lock, whose
-locked read-modify-write orders them.
+Concurrency: the other side runs in another process and reads the ring while
+we write it. The u16 fields (indexes, flags, event indexes) therefore go
+through 16-bit memoryview items, which CPython moves with one load or store.
+``struct.pack_into`` must not be used for them: it zeroes its target before
+writing, so a peer can read an index of 0 (this broke real runs). CPython has
+no fence primitive either; stores stay in program order on x86, so the only
+reordering that matters there is a store followed by a load (the notification
+handshakes), and :func:`_fence` orders those with a lock round-trip, whose
+locked read-modify-write is a full barrier.
 """
 
 from __future__ import annotations
@@ -37,15 +39,25 @@ from vblk.virtio.defs import (
     used_ring_bytes,
 )
 
-__all__ = ["MAX_CHAIN_BYTES", "MAX_INDIRECT_ENTRIES", "Chain", "DeviceQueue", "check_ring"]
+__all__ = [
+    "MAX_CHAIN_BYTES",
+    "MAX_INDIRECT_ENTRIES",
+    "Chain",
+    "DeviceQueue",
+    "get16",
+    "put16",
+    "ring_views",
+]
 
 log = logging.getLogger(__name__)
 
-# Native order on little-endian hosts: one load/store per field (see module doc).
+# Descriptors and used elements are never read while being written, so struct
+# is fine for them; native order on little-endian hosts is the fastest codec.
 _BO = "@" if sys.byteorder == "little" else "<"
-_U16 = struct.Struct(_BO + "H")
 _DESC = struct.Struct(_BO + "QIHH")  # addr, len, flags, next
 _USED_ELEM = struct.Struct(_BO + "II")  # id, len
+#: Ring u16 views hold host-order items; the ring is little-endian.
+_BIG_ENDIAN = sys.byteorder == "big"
 _FENCE_LOCK = threading.Lock()
 
 #: A chain may describe at most this many bytes, since the used length is u32
@@ -61,10 +73,32 @@ def _fence() -> None:
         pass
 
 
-def check_ring(size: int, desc: memoryview, avail: memoryview, used: memoryview) -> None:
-    """Raise QueueError unless ``size`` is a valid split-ring size and the views fit it."""
+def _swap16(v: int) -> int:
+    return (v & 0xFF) << 8 | v >> 8
+
+
+def get16(ring: memoryview, i: int) -> int:
+    """u16 number ``i`` of a ring part viewed by :func:`ring_views`, in one load."""
+    v: int = ring[i]
+    return _swap16(v) if _BIG_ENDIAN else v
+
+
+def put16(ring: memoryview, i: int, v: int) -> None:
+    """Store u16 number ``i`` of a ring part in one store, never torn for a reader."""
+    ring[i] = _swap16(v) if _BIG_ENDIAN else v
+
+
+def ring_views(
+    size: int, desc: memoryview, avail: memoryview, used: memoryview
+) -> tuple[memoryview, memoryview, memoryview]:
+    """Validate a ring and return (desc bytes, avail u16s, used u16s), trimmed to size.
+
+    QueueError unless ``size`` is a power of two the spec allows and each view
+    is writable and long enough.
+    """
     if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
         raise QueueError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+    out = []
     for name, view, need in (
         ("descriptor table", desc, desc_table_bytes(size)),
         ("avail ring", avail, avail_ring_bytes(size)),
@@ -74,10 +108,10 @@ def check_ring(size: int, desc: memoryview, avail: memoryview, used: memoryview)
             raise QueueError(f"{name} is {view.nbytes} bytes, needs {need} for size {size}")
         if view.readonly:
             raise QueueError(f"{name} is read-only")
-
-
-def _flat(view: memoryview) -> memoryview:
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        out.append(view[:need])
+    return out[0], out[1].cast("H"), out[2].cast("H")
 
 
 @dataclass(slots=True)
@@ -124,24 +158,22 @@ class DeviceQueue:
         last_avail_idx: int = 0,
         indirect: bool = True,
     ) -> None:
-        check_ring(size, desc, avail, used)
+        self._desc, self._avail, self._used = ring_views(size, desc, avail, used)
         if not 0 <= last_avail_idx <= 0xFFFF:
             raise QueueError(f"avail index {last_avail_idx} is not a u16")
         self.mem = mem
         self.size = size
         self.event_idx = event_idx
         self.indirect = indirect
-        self._desc = _flat(desc)
-        self._avail = _flat(avail)
-        self._used = _flat(used)
+        self._used_bytes = self._used.cast("B")  # for the 8-byte used elements
         self._mask = size - 1
-        self._used_event_off = 4 + 2 * size  # in avail
-        self._avail_event_off = 4 + 8 * size  # in used
+        self._used_event = 2 + size  # u16 index in avail
+        self._avail_event = 2 + 4 * size  # u16 index in used
         self.last_avail_idx = last_avail_idx
         # avail->idx as last read: while we are behind it there is no need to
         # read (and re-validate) the shared field again.
         self._shadow_avail_idx = last_avail_idx
-        self.used_idx: int = _U16.unpack_from(self._used, 2)[0]
+        self.used_idx = get16(self._used, 1)
         # used idx at the last notification decision; None until the first one,
         # which must signal since we do not know what the driver has seen.
         self._signalled: int | None = None
@@ -155,14 +187,18 @@ class DeviceQueue:
             return None
         last = self.last_avail_idx
         if last == self._shadow_avail_idx:
-            idx: int = _U16.unpack_from(self._avail, 2)[0]
+            idx: int = self._avail[1]
+            if _BIG_ENDIAN:
+                idx = _swap16(idx)
             if (idx - last) & 0xFFFF > self.size:
                 self.mark_broken(f"avail index {idx} is more than {self.size} ahead of {last}")
                 return None
             self._shadow_avail_idx = idx
             if idx == last:
                 return None
-        head: int = _U16.unpack_from(self._avail, 4 + 2 * (last & self._mask))[0]
+        head: int = self._avail[2 + (last & self._mask)]
+        if _BIG_ENDIAN:
+            head = _swap16(head)
         self.last_avail_idx = (last + 1) & 0xFFFF
         if head >= self.size:
             self.mark_broken(f"avail entry {last} names descriptor {head} of {self.size}")
@@ -238,11 +274,11 @@ class DeviceQueue:
         if not 0 <= head < self.size:
             raise QueueError(f"push of descriptor {head} outside queue of {self.size}")
         idx = self.used_idx
-        _USED_ELEM.pack_into(self._used, 4 + 8 * (idx & self._mask), head, written)
+        _USED_ELEM.pack_into(self._used_bytes, 4 + 8 * (idx & self._mask), head, written)
         # The element must be visible before the index that publishes it; stores
         # are not reordered with each other on x86, and there is no fence to issue.
         idx = (idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, idx)
+        self._used[1] = _swap16(idx) if _BIG_ENDIAN else idx
         self.used_idx = idx
 
     def should_notify(self) -> bool:
@@ -260,12 +296,10 @@ class DeviceQueue:
         if old is None:
             return True
         if self.event_idx:
-            event: int = _U16.unpack_from(self._avail, self._used_event_off)[0]
-            return need_event(event, new, old)
+            return need_event(get16(self._avail, self._used_event), new, old)
         if new == old:
             return False
-        flags: int = _U16.unpack_from(self._avail, 0)[0]
-        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+        return not get16(self._avail, 0) & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     # -- kick suppression ------------------------------------------------------
 
@@ -279,8 +313,7 @@ class DeviceQueue:
         keep kicks coming while we are busy.
         """
         if not self.event_idx:
-            flags: int = _U16.unpack_from(self._used, 0)[0]
-            _U16.pack_into(self._used, 0, flags | VIRTQ_USED_F_NO_NOTIFY)
+            put16(self._used, 0, get16(self._used, 0) | VIRTQ_USED_F_NO_NOTIFY)
 
     def enable_notifications(self) -> bool:
         """Ask for kicks again; True if the driver added work meanwhile (keep draining).
@@ -289,15 +322,13 @@ class DeviceQueue:
         published a chain just before it could see kicks were wanted.
         """
         if self.event_idx:
-            _U16.pack_into(self._used, self._avail_event_off, self.last_avail_idx)
+            put16(self._used, self._avail_event, self.last_avail_idx)
         else:
-            flags: int = _U16.unpack_from(self._used, 0)[0]
-            _U16.pack_into(self._used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY & 0xFFFF)
+            put16(self._used, 0, get16(self._used, 0) & ~VIRTQ_USED_F_NO_NOTIFY)
         _fence()  # our store before the avail->idx load
         if self.broken is not None:
             return False
-        idx: int = _U16.unpack_from(self._avail, 2)[0]
-        return idx != self.last_avail_idx
+        return get16(self._avail, 1) != self.last_avail_idx
 
     def mark_broken(self, reason: str) -> None:
         """Stop serving this ring; the first reason sticks."""
