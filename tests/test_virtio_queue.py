@@ -238,8 +238,42 @@ def test_unmapped_buffer(addr: int, length: int) -> None:
     r.desc(0, DATA, 2, WRITE | NEXT, 1)
     r.desc(1, addr, length, WRITE)
     c = bad_chain(r)
-    assert lens(c.writable) == [2]  # what was valid before the failure is kept
+    # The bad descriptor is the last one. Only its own last byte can be the status
+    # (when that byte is mapped); the earlier data buffer is never mistaken for one.
+    assert c.readable == [] and lens(c.writable) in ([], [1])
     assert "not mapped" in (c.error or "")
+
+
+def test_unmapped_data_buffer_salvages_the_status_byte() -> None:
+    r = MockRing(4)
+    r.desc(0, DATA, 16, NEXT, 1)  # header
+    r.desc(1, 0xDEAD_0000_0000, 4096, WRITE | NEXT, 2)  # data: unmapped
+    r.desc(2, DATA + 100, 1, WRITE)  # status
+    c = bad_chain(r)
+    assert "not mapped" in (c.error or "")
+    assert lens(c.writable) == [1] and c.readable == []
+    c.writable[0][0] = 0x55
+    assert r.mem.translate(DATA + 100, 1)[0] == 0x55
+
+
+def test_unmapped_buffer_salvage_does_not_follow_loops() -> None:
+    r = MockRing(4)
+    r.desc(0, 0xDEAD_0000_0000, 16, NEXT, 1)
+    r.desc(1, DATA, 1, WRITE | NEXT, 2)
+    r.desc(2, DATA, 1, WRITE | NEXT, 1)  # 1 -> 2 -> 1 ...
+    c = bad_chain(r)
+    assert c.error is not None and c.writable == []
+
+
+def test_salvaged_status_must_be_writable_and_mapped() -> None:
+    r = MockRing(4)
+    r.desc(0, 0xDEAD_0000_0000, 16, NEXT, 1)
+    r.desc(1, DATA, 1, 0)  # last descriptor is device-readable: no status
+    assert bad_chain(r).writable == []
+    r2 = MockRing(4)
+    r2.desc(0, 0xDEAD_0000_0000, 16, NEXT, 1)
+    r2.desc(1, 0xBEEF_0000_0000, 1, WRITE)  # last descriptor unmapped: no status
+    assert bad_chain(r2).writable == []
 
 
 def test_readable_after_writable() -> None:
@@ -248,7 +282,7 @@ def test_readable_after_writable() -> None:
     r.desc(1, DATA, 4, 0)
     c = bad_chain(r)
     assert "readable after" in (c.error or "")
-    assert lens(c.writable) == [4] and c.readable == []
+    assert c.writable == [] and c.readable == []  # last descriptor is not writable: no status
 
 
 def test_readable_after_writable_across_indirect() -> None:
@@ -270,7 +304,7 @@ def test_chain_longer_than_4g() -> None:
         r.desc(i, 0x1_0000_0000, big, NEXT, i + 1)
     r.desc(16, 0x1_0000_0000, big, 0)
     c = bad_chain(r)
-    assert "exceeds" in (c.error or "") and len(c.readable) == 15
+    assert "exceeds" in (c.error or "") and c.readable == [] and c.writable == []
     del c
     r.mem.clear()
 

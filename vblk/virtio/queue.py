@@ -247,17 +247,17 @@ class DeviceQueue:
             total += length
             if total > MAX_CHAIN_BYTES:
                 chain.error = f"descriptor {i}: chain exceeds {MAX_CHAIN_BYTES} bytes"
-                return chain
+                return self._salvage(chain, table, i, limit, ttl)
             try:
                 buf = translate(addr, length)
             except GuestMemoryError as e:
                 chain.error = f"descriptor {i}: {e}"
-                return chain
+                return self._salvage(chain, table, i, limit, ttl)
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append(buf)
             elif writable:
                 chain.error = f"descriptor {i}: device-readable after device-writable"
-                return chain
+                return self._salvage(chain, table, i, limit, ttl)
             else:
                 readable.append(buf)
             if not flags & VIRTQ_DESC_F_NEXT:
@@ -266,6 +266,33 @@ class DeviceQueue:
                 chain.error = f"descriptor {i}: next {nxt} out of range {limit}"
                 return chain
             i = nxt
+
+    def _salvage(self, chain: Chain, table: memoryview, i: int, limit: int, ttl: int) -> Chain:
+        """Find the status byte of a chain whose data is bad but whose links are sound.
+
+        The guest deserves an IOERR rather than a broken queue when only a
+        buffer address is wrong. Follow NEXT (same ttl and bounds as the walk)
+        to the last descriptor; if it is device-writable and mapped, its last
+        byte becomes the chain's only writable segment. Otherwise none is left
+        and the caller treats the chain as unanswerable.
+        """
+        chain.readable.clear()
+        chain.writable.clear()
+        unpack = _DESC.unpack_from
+        while True:
+            addr, length, flags, nxt = unpack(table, i << 4)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            if ttl == 0 or nxt >= limit:
+                return chain
+            ttl -= 1
+            i = nxt
+        if flags & VIRTQ_DESC_F_WRITE and not flags & VIRTQ_DESC_F_INDIRECT and length:
+            try:
+                chain.writable.append(self.mem.translate(addr + length - 1, 1))
+            except GuestMemoryError:
+                pass
+        return chain
 
     # -- completing requests -----------------------------------------------------
 
