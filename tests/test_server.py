@@ -108,6 +108,7 @@ def test_oversized_payload_drops_the_connection_only(
     s.sendall(struct.pack("<III", Request.SET_MEM_TABLE, FLAG_VERSION, 1 << 30))
     assert s.recv(64) == b""
     s.close()
+    assert proc.poll() is None
     still_serves(sock)
 
 
@@ -134,7 +135,7 @@ def test_unknown_and_malformed_requests_get_nacks(
 def test_abrupt_disconnect_mid_io_then_reconnect(
     served: tuple[Path, Path, subprocess.Popen[str]],
 ) -> None:
-    img, sock, proc = served
+    _, sock, proc = served
     dev = vblk.client.connect(str(sock), num_queues=2, timeout=10)
     q = dev.queues[0]
     buf = dev.alloc(1 << 20)
