@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import mmap
 import os
 import re
 import stat
@@ -38,7 +39,8 @@ _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
 
-_ZERO_CHUNK = bytes(1 << 20)
+# Page-aligned (anonymous mmap is zero-filled), so it also satisfies O_DIRECT.
+_ZERO_CHUNK = memoryview(mmap.mmap(-1, 1 << 20))
 
 
 class ImageError(VblkError):
@@ -77,6 +79,10 @@ class Image:
         except IsADirectoryError:
             raise ImageError(f"{path}: is a directory, not an image") from None
         except OSError as e:
+            if direct and e.errno == errno.EINVAL:
+                raise ImageError(
+                    f"{path}: this filesystem does not support --direct (O_DIRECT)"
+                ) from None
             raise ImageError(f"{path}: cannot open: {e.strerror}") from None
         try:
             st = os.fstat(self.fd)
@@ -198,7 +204,7 @@ class Image:
     def _write_zero_bytes(self, offset: int, length: int) -> None:
         while length:
             n = min(length, len(_ZERO_CHUNK))
-            os.pwrite(self.fd, memoryview(_ZERO_CHUNK)[:n], offset)
+            os.pwrite(self.fd, _ZERO_CHUNK[:n], offset)
             offset += n
             length -= n
 
