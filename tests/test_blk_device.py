@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vblk.virtio.queue import Chain
 
 from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
 from vblk.blk.defs import Feature, ReqType, Status
 from vblk.blk.device import MAX_DISCARD_SECTORS, BlockDevice
 from vblk.io.image import Image
+from vblk.virtio.queue import Chain
 
 SIZE = 8 << 20
 

@@ -3,10 +3,10 @@
 import struct
 
 import pytest
-from vblk.virtio.queue import Chain
 
 from vblk.blk.defs import ReqType, Status
 from vblk.blk.request import RequestError, parse_request
+from vblk.virtio.queue import Chain
 
 
 def hdr(rtype: int, sector: int) -> memoryview:

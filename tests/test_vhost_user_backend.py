@@ -8,6 +8,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from vblk.blk.defs import ReqType, Status
+from vblk.blk.device import BlockDevice
+from vblk.io.image import Image
+from vblk.vhost_user.backend import PROTOCOL_FEATURES, BackendSession, Vring
 from vblk.vhost_user.codec import (
     U64,
     Config,
@@ -21,13 +26,8 @@ from vblk.vhost_user.codec import (
     request,
 )
 from vblk.vhost_user.defs import FLAG_REPLY, ProtocolFeature, Request
-from vblk.virtio.driver import DriverQueue
-
-from vblk.blk.defs import ReqType, Status
-from vblk.blk.device import BlockDevice
-from vblk.io.image import Image
-from vblk.vhost_user.backend import PROTOCOL_FEATURES, BackendSession, Vring
 from vblk.virtio import defs as vdefs
+from vblk.virtio.driver import DriverQueue
 
 GPA = 0x10000
 UADDR = 0x7F0000000000
