@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vblk.memory import GuestMemory
-from vblk.virtio.queue import DeviceQueue
 
 from vblk.blk.defs import ID_BYTES, ReqType, Status
 from vblk.blk.device import BlockDevice
 from vblk.client import GPA_BASE, SLOT_BYTES, RequestRing, pack_segment
 from vblk.io.image import Image
+from vblk.memory import GuestMemory
 from vblk.virtio import defs as vdefs
+from vblk.virtio.queue import DeviceQueue
 
 IMAGE_SIZE = 1 << 20
 UADDR = 0x7F00_0000_0000
