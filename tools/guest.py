@@ -7,7 +7,16 @@ and powers off, so a test can ask "what does the guest's own virtio-blk driver
 see?" in a few seconds of TCG. Used by tests/e2e and by ``make demo``.
 
     python3 tools/guest.py build
-    python3 tools/guest.py run --socket /tmp/vblk.sock --workload script.sh
+    python3 tools/guest.py run --socket /tmp/vblk.sock --workload script.sh --smp 2 --num-queues 2
+
+From Python::
+
+    res = run_guest(socket="/tmp/vblk.sock", workload="cat /sys/block/vda/size", timeout=180)
+    res.rc, res.output, res.wall, parse_values(res.output)
+
+The workload runs with ``sh -e``; its exit status is ``res.rc``. Whatever goes
+wrong (QEMU fails to start, the guest never reaches the workload, the timeout
+expires and QEMU is killed), the tail of QEMU's console is printed to stderr.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ VERSION = hashlib.sha256(INIT.encode() + repr((MODULES, BINARIES)).encode()).hex
 
 
 class GuestError(RuntimeError):
-    """The guest could not be built or did not run its workload."""
+    """The guest could not be built or did not run its workload (the message has QEMU's tail)."""
 
 
 @dataclass
@@ -134,7 +143,8 @@ def build(cache: Path = CACHE) -> Guest:
     guest = Guest(out / "vmlinuz", out / "initrd.gz")
     if guest.kernel.exists() and guest.initrd.exists():
         return guest
-    busybox = shutil.which("busybox") or "/bin/busybox"
+    # busybox-static's /bin/busybox first: the guest has no libc of its own to spare.
+    busybox = "/bin/busybox" if os.path.exists("/bin/busybox") else shutil.which("busybox") or ""
     for need in (busybox, *BINARIES, f"/boot/vmlinuz-{kver}"):
         if not os.path.exists(need):
             raise GuestError(f"{need} is missing: run scripts/install-deps.sh")
@@ -185,10 +195,16 @@ def build(cache: Path = CACHE) -> Guest:
     entries.append(("modules.order", 0o100644, "\n".join(n for n, _ in order).encode() + b"\n"))
     entries.append(("init", 0o100755, INIT.encode()))
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "initrd.tmp"
-    tmp.write_bytes(gzip.compress(_cpio(entries), 1))
-    shutil.copyfile(f"/boot/vmlinuz-{kver}", guest.kernel)
-    tmp.rename(guest.initrd)
+    # Concurrent builders (make demo next to a test run) each write their own temp
+    # files and rename them into place; the initrd goes last since it marks "done".
+    for data, dest in (
+        (Path(f"/boot/vmlinuz-{kver}").read_bytes(), guest.kernel),
+        (gzip.compress(_cpio(entries), 1), guest.initrd),
+    ):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{dest.name}.")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, dest)
     return guest
 
 
@@ -231,6 +247,73 @@ def qemu_command(
     return cmd
 
 
+def _tail(console: str, lines: int = 40) -> str:
+    return "\n".join(console.rstrip("\n").splitlines()[-lines:])
+
+
+def _fail(message: str, console: str) -> GuestError:
+    """Print QEMU's last lines to stderr (pytest shows them on failure); return the error."""
+    tail = _tail(console)
+    print(f"--- guest: {message}; last lines of the QEMU console:\n{tail}\n---", file=sys.stderr)
+    return GuestError(f"{message}; console tail:\n{tail}")
+
+
+def run_guest(
+    socket: str | os.PathLike[str] | None = None,
+    workload: str = "",
+    *,
+    num_queues: int = 1,
+    smp: int = 1,
+    mem: str = "512M",
+    timeout: float = 180,
+    extra_device_opts: str = "",
+    image: str | os.PathLike[str] | None = None,
+    guest: Guest | None = None,
+) -> GuestResult:
+    """Boot the guest against ``socket`` (or, as a baseline, QEMU's own virtio-blk on ``image``),
+    run ``workload`` (shell text) inside it and return what it printed.
+
+    QEMU is killed when ``timeout`` seconds pass; that, a QEMU that cannot start and a guest that
+    never reaches the workload raise :class:`GuestError`. A workload that fails is not an error:
+    its status is ``rc``, and QEMU's tail is printed to stderr to help whoever reads the failure.
+    """
+    guest = guest or build()
+    extra = gzip.compress(_cpio([("workload.sh", 0o100755, workload.encode())]), 1)
+    with tempfile.NamedTemporaryFile(prefix="vblk-guest-", suffix=".initrd") as f:
+        f.write(guest.initrd.read_bytes() + extra)
+        f.flush()
+        cmd = qemu_command(
+            guest, f.name, socket=None if socket is None else os.fspath(socket),
+            image=None if image is None else os.fspath(image), num_queues=num_queues, smp=smp,
+            mem=mem, device_opts=extra_device_opts,
+        )  # fmt: skip
+        t0 = time.monotonic()
+        try:
+            # stdin is not the terminal: QEMU's stdio chardev would leave a tty in raw mode
+            # if it were killed. subprocess.run kills QEMU on timeout and on any exception.
+            p = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as e:
+            console = (e.stdout or b"").decode(errors="replace").replace("\r", "")
+            raise _fail(f"guest timed out after {timeout:.0f}s, QEMU killed", console) from None
+        wall = time.monotonic() - t0
+    console = p.stdout.decode(errors="replace").replace("\r", "")
+    if BEGIN not in console:
+        raise _fail(f"guest never ran the workload (QEMU exit status {p.returncode})", console)
+    body = console.split(BEGIN, 1)[1].split(END, 1)[0]
+    rcs = re.findall(r"^@@RC=(\d+)$", body, re.M)
+    output = re.sub(r"^@@RC=\d+\n?", "", body, flags=re.M).strip("\n")
+    rc = int(rcs[-1]) if rcs else 255
+    if rc != 0:
+        _fail(f"workload exited with status {rc}", console)
+    return GuestResult(rc, output, console, wall, parse_values(output))
+
+
 def run(
     workload: str,
     *,
@@ -239,41 +322,15 @@ def run(
     num_queues: int = 1,
     smp: int = 1,
     mem: str = "512M",
-    timeout: float = 240,
+    timeout: float = 180,
     device_opts: str = "",
     guest: Guest | None = None,
 ) -> GuestResult:
-    """Boot, run ``workload`` (shell text) inside the guest, return what it printed."""
-    guest = guest or build()
-    extra = gzip.compress(_cpio([("workload.sh", 0o100755, workload.encode())]), 1)
-    with tempfile.NamedTemporaryFile(suffix=".initrd") as f:
-        f.write(guest.initrd.read_bytes() + extra)
-        f.flush()
-        cmd = qemu_command(
-            guest, f.name, socket=socket, image=image, num_queues=num_queues, smp=smp, mem=mem,
-            device_opts=device_opts,
-        )  # fmt: skip
-        t0 = time.monotonic()
-        try:
-            p = subprocess.run(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout
-            )
-        except subprocess.TimeoutExpired as e:
-            tail = (e.stdout or b"").decode(errors="replace")[-3000:]
-            raise GuestError(
-                f"guest timed out after {timeout:.0f}s; console tail:\n{tail}"
-            ) from None
-        wall = time.monotonic() - t0
-    console = p.stdout.decode(errors="replace").replace("\r", "")
-    if BEGIN not in console:
-        raise GuestError(
-            f"guest never ran the workload (qemu exit {p.returncode}); "
-            f"console tail:\n{console[-3000:]}"
-        )
-    body = console.split(BEGIN, 1)[1].split(END, 1)[0]
-    rcs = re.findall(r"^@@RC=(\d+)$", body, re.M)
-    output = re.sub(r"^@@RC=\d+\n?", "", body, flags=re.M).strip("\n")
-    return GuestResult(int(rcs[-1]) if rcs else 255, output, console, wall, parse_values(output))
+    """:func:`run_guest` with the workload first (kept for older callers)."""
+    return run_guest(
+        socket, workload, num_queues=num_queues, smp=smp, mem=mem, timeout=timeout,
+        extra_device_opts=device_opts, image=image, guest=guest,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -290,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--num-queues", type=int, default=1)
     r.add_argument("--smp", type=int, default=1)
     r.add_argument("--mem", default="512M")
-    r.add_argument("--timeout", type=float, default=240)
+    r.add_argument("--timeout", type=float, default=180)
     r.add_argument("--device-opts", default="")
     a = ap.parse_args(argv)
     try:
@@ -298,12 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             g = build()
             print(g.kernel, g.initrd, sep="\n")
             return 0
-        res = run(
-            Path(a.workload).read_text(), socket=a.socket, image=a.image, num_queues=a.num_queues,
-            smp=a.smp, mem=a.mem, timeout=a.timeout, device_opts=a.device_opts,
+        res = run_guest(
+            a.socket, Path(a.workload).read_text(), image=a.image, num_queues=a.num_queues,
+            smp=a.smp, mem=a.mem, timeout=a.timeout, extra_device_opts=a.device_opts,
         )  # fmt: skip
     except GuestError as e:
-        print(f"guest: error: {e}", file=sys.stderr)
+        print(f"guest: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 3
     print(res.output)
     print(f"@@WALL={res.wall:.1f}s")
