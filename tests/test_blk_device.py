@@ -11,7 +11,7 @@ import pytest
 
 from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
 from vblk.blk.defs import Feature, ReqType, Status
-from vblk.blk.device import MAX_DISCARD_SECTORS, BlockDevice
+from vblk.blk.device import MAX_DISCARD_SECTORS, BlockDevice, Stats
 from vblk.io.image import Image
 from vblk.virtio.queue import Chain
 
@@ -37,14 +37,19 @@ def mv(data: bytes | int) -> memoryview:
 
 
 def request(
-    dev: BlockDevice, rtype: int, sector: int, out: bytes = b"", in_len: int = 0
+    dev: BlockDevice,
+    rtype: int,
+    sector: int,
+    out: bytes = b"",
+    in_len: int = 0,
+    stats: Stats | None = None,
 ) -> tuple[int, bytes, int | None]:
     """Run one request; returns (status, data written by the device, used length)."""
     readable = [mv(struct.pack("<IIQ", rtype, 0, sector) + out)]
     data = mv(in_len)
     status = mv(b"\xee")
     writable = ([data] if in_len else []) + [status]
-    used = dev.handle(Chain(0, readable, writable))
+    used = dev.handle(Chain(0, readable, writable), stats or Stats())
     return status[0], bytes(data), used
 
 
@@ -63,7 +68,9 @@ def test_scatter_gather_read_fills_every_buffer(dev: BlockDevice) -> None:
     request(dev, ReqType.OUT, 0, payload)
     bufs = [mv(512), mv(1024)]
     status = mv(1)
-    used = dev.handle(Chain(0, [mv(struct.pack("<IIQ", ReqType.IN, 0, 0))], [*bufs, status]))
+    stats = Stats()
+    used = dev.handle(Chain(0, [mv(struct.pack("<IIQ", ReqType.IN, 0, 0))], [*bufs, status]), stats)
+    assert (stats.requests, stats.read_bytes) == (1, 1536)
     assert used == 1537 and bytes(bufs[0]) + bytes(bufs[1]) == payload
 
 
@@ -175,7 +182,7 @@ def test_config_writeback_toggle_only(dev: BlockDevice) -> None:
 
 
 def test_chain_without_status_byte_returns_none(dev: BlockDevice) -> None:
-    assert dev.handle(Chain(0, [mv(16)], [])) is None
+    assert dev.handle(Chain(0, [mv(16)], []), Stats()) is None
 
 
 def test_serial_too_long_is_refused(image_path: Path) -> None:
@@ -185,3 +192,16 @@ def test_serial_too_long_is_refused(image_path: Path) -> None:
             BlockDevice(img, serial="x" * 21)
     finally:
         img.close()
+
+
+def test_stats_count_what_each_queue_asked(dev: BlockDevice) -> None:
+    st = Stats()
+    request(dev, ReqType.OUT, 0, b"a" * 4096, stats=st)
+    request(dev, ReqType.IN, 0, in_len=1024, stats=st)
+    request(dev, ReqType.FLUSH, 0, stats=st)
+    request(dev, ReqType.DISCARD, 0, seg(0, 8), stats=st)
+    request(dev, ReqType.WRITE_ZEROES, 0, seg(8, 8), stats=st)
+    request(dev, ReqType.IN, SIZE // 512, in_len=512, stats=st)  # IOERR
+    request(dev, 77, 0, stats=st)  # UNSUPP
+    assert (st.requests, st.write_bytes, st.read_bytes, st.flushes) == (7, 4096, 1024, 1)
+    assert (st.discards, st.write_zeroes, st.ioerr, st.unsupp) == (1, 1, 1, 1)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from vblk.blk.defs import ID_BYTES, ReqType, Status
-from vblk.blk.device import BlockDevice
+from vblk.blk.device import BlockDevice, Stats
 from vblk.client import GPA_BASE, SLOT_BYTES, RequestRing, pack_segment
 from vblk.io.image import Image
 from vblk.memory import GuestMemory
@@ -73,7 +73,7 @@ class Pair:
         """What a queue worker does: pop, handle, push, until the avail ring is empty."""
         n = 0
         while (chain := self.dq.pop()) is not None:
-            written = self.device.handle(chain)
+            written = self.device.handle(chain, Stats())
             assert written is not None, chain.error
             self.dq.push(chain.head, written)
             n += 1
@@ -191,7 +191,7 @@ def test_out_of_order_completion(pair: Pair) -> None:
     while (c := pair.dq.pop()) is not None:
         chains.append(c)
     for c in reversed(chains):
-        pair.dq.push(c.head, pair.device.handle(c) or 0)
+        pair.dq.push(c.head, pair.device.handle(c, Stats()) or 0)
     done: list[tuple[Any, int]] = []
     assert pair.driver.reap(done) == 4
     assert [t for t, _ in done] == [3, 2, 1, 0]

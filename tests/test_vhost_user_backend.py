@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vblk.blk.defs import ReqType, Status
-from vblk.blk.device import BlockDevice
+from vblk.blk.device import BlockDevice, Stats
 from vblk.io.image import Image
 from vblk.vhost_user.backend import PROTOCOL_FEATURES, BackendSession, Vring
 from vblk.vhost_user.codec import (
@@ -190,7 +190,7 @@ def test_ring_starts_only_when_enabled_and_round_trips_a_read(
     assert q is not None
     chain = q.pop()
     assert chain is not None and chain.head == head
-    used = device.handle(chain)
+    used = device.handle(chain, Stats())
     assert used == 21
     q.push(chain.head, used)
     assert drv.pop_used() == (head, 21)

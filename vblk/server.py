@@ -18,7 +18,7 @@ import socket
 import stat
 import threading
 
-from vblk.blk.device import BlockDevice
+from vblk.blk.device import BlockDevice, Stats
 from vblk.errors import ProtocolError, VblkError
 from vblk.vhost_user.backend import BackendSession, Vring
 from vblk.vhost_user.codec import MessageReader, encode
@@ -50,8 +50,8 @@ class QueueWorker:
         # both kicks and interrupts stay well below the request count.
         self.kicks = 0
         self.interrupts = 0
-        self.requests = 0
         self.batches = 0
+        self.stats = Stats()
         self.thread = threading.Thread(
             target=self._run, name=f"vblk-queue{vring.index}", daemon=True
         )
@@ -68,13 +68,23 @@ class QueueWorker:
             log.error("queue %d did not stop within %.0fs", self.vring.index, STOP_TIMEOUT)
             return
         os.close(self._wake)
+        st = self.stats
         log.info(
-            "queue %d: %d requests in %d batches, %d kicks, %d interrupts",
+            "queue %d: %d requests in %d batches, %d kicks, %d interrupts; "
+            "%d MiB read, %d MiB written, %d flushes, %d discards, %d write-zeroes, "
+            "%d IOERR, %d UNSUPP",
             self.vring.index,
-            self.requests,
+            st.requests,
             self.batches,
             self.kicks,
             self.interrupts,
+            st.read_bytes >> 20,
+            st.write_bytes >> 20,
+            st.flushes,
+            st.discards,
+            st.write_zeroes,
+            st.ioerr,
+            st.unsupp,
         )
 
     def _run(self) -> None:
@@ -106,6 +116,7 @@ class QueueWorker:
     def _drain(self) -> None:
         q = self.queue
         handle = self.device.handle
+        stats = self.stats
         self.batches += 1
         while True:
             q.disable_notifications()
@@ -114,7 +125,7 @@ class QueueWorker:
                 chain = q.pop()
                 if chain is None:
                     break
-                written = handle(chain)
+                written = handle(chain, stats)
                 if written is None:
                     q.mark_broken(f"request {chain.head} has no status byte: {chain.error}")
                     break
@@ -122,7 +133,6 @@ class QueueWorker:
                 done += 1
                 if done % NOTIFY_BATCH == 0 and q.should_notify():
                     self._notify()
-            self.requests += done
             if q.should_notify():
                 self._notify()
             if q.broken is not None:

@@ -1,70 +1,80 @@
-"""Fixtures for end-to-end tests: a real guest, a real ``vblk serve``, a real image."""
+"""Fixtures for end-to-end tests: a real guest (QEMU TCG) against a real backend process.
+
+The guest is built once per session (cached in ~/.cache/vblk/guest). The backend
+is ``vblk serve`` unless ``VBLK_E2E_BACKEND=qsd`` selects qemu-storage-daemon.
+"""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-import guest as guest_tool
+import guest as guest_tool  # noqa: E402
+from e2e_backend import KIND, Backend, make_image  # noqa: E402
+
+#: Every guest run is bounded; QEMU is killed after this.
+GUEST_TIMEOUT = 180.0
+WORKLOADS = Path(__file__).resolve().parent / "workloads"
+
+StartBackend = Callable[..., Backend]
+Boot = Callable[..., guest_tool.GuestResult]
 
 
-class Served:
-    """``vblk serve`` as a subprocess; ``stop()`` checks it shuts down the way users rely on."""
+def workload(name: str) -> str:
+    return (WORKLOADS / name).read_text()
 
-    def __init__(self, tmp: Path, name: str, *args: str, size: str = "1G") -> None:
-        self.image = tmp / f"{name}.img"
-        self.socket = tmp / f"{name}.sock"
-        self.log_path = tmp / f"{name}.log"
-        self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "vblk", "serve", str(self.image), "--socket", str(self.socket)]
-        cmd += ["--create", size, *args]
-        self.proc = subprocess.Popen(cmd, stderr=self._log)
-        deadline = time.monotonic() + 20
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vblk serve did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.05)
 
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            rc = self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = -9
-        self._log.close()
-        return rc
+def pytest_report_header() -> str:
+    return f"e2e backend: {KIND} (VBLK_E2E_BACKEND)"
 
 
 @pytest.fixture(scope="session")
 def guest() -> guest_tool.Guest:
-    return guest_tool.build()
-
-
-def boot(
-    guest: guest_tool.Guest, served: Served, workload: str, **kw: object
-) -> guest_tool.GuestResult:
-    """Run a workload; on failure the assertion shows both sides' logs."""
     try:
-        res = guest_tool.run(workload, socket=str(served.socket), guest=guest, timeout=240, **kw)  # type: ignore[arg-type]
+        return guest_tool.build()
     except guest_tool.GuestError as e:
-        pytest.fail(f"{e}\n--- vblk serve log ---\n{served.log[-3000:]}")
-    return res
+        pytest.fail(f"cannot build the test guest: {e}")
 
 
 @pytest.fixture(scope="module")
-def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    yield tmp_path_factory.mktemp("e2e")
+def start_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartBackend]:
+    """``start_backend(name, size=..., **options)``: a fresh sparse image and a backend serving it.
+
+    Backends a test did not stop itself are stopped here, and must exit 0 on SIGINT
+    and remove their socket.
+    """
+    tmp = tmp_path_factory.mktemp("e2e")
+    started: list[Backend] = []
+
+    def start(name: str, *, size: int = 1 << 30, head: bytes = b"", **options: object) -> Backend:
+        image = make_image(tmp / f"{name}.img", size, head)
+        b = Backend(image, tmp / f"{name}.sock", tmp / f"{name}.log", **options)  # type: ignore[arg-type]
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        running = b.rc is None
+        rc = b.stop()
+        if running:
+            assert rc == 0, f"{b.kind} exited {rc} on SIGINT:\n{b.log[-3000:]}"
+            assert not b.socket.exists(), f"{b.kind} left its socket behind"
+
+
+@pytest.fixture(scope="session")
+def boot(guest: guest_tool.Guest) -> Boot:
+    """``boot(backend, workload_text, **run_guest_options)``; failures show both sides' logs."""
+
+    def run(backend: Backend, script: str, **kw: object) -> guest_tool.GuestResult:
+        kw.setdefault("timeout", GUEST_TIMEOUT)
+        try:
+            return guest_tool.run_guest(backend.socket, script, guest=guest, **kw)  # type: ignore[arg-type]
+        except guest_tool.GuestError as e:
+            pytest.fail(f"{e}\n--- {backend.kind} log ---\n{backend.log[-3000:]}")
+
+    return run

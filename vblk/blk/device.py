@@ -42,7 +42,7 @@ DISCARD_ALIGNMENT_SECTORS = 8
 
 @dataclass
 class Stats:
-    """Counters a stage can be observed by (read without locking; they only grow)."""
+    """What one queue asked of the device; each queue thread owns one, so no locking."""
 
     requests: int = 0
     read_bytes: int = 0
@@ -74,7 +74,7 @@ class BlockDevice:
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.capacity = image.size >> SECTOR_SHIFT
-        self.stats = Stats()
+        self.trace = log.isEnabledFor(logging.DEBUG)
         self._wce_lock = threading.Lock()
         self.config = BlkConfig(
             capacity=self.capacity,
@@ -135,24 +135,24 @@ class BlockDevice:
 
     # -- requests -------------------------------------------------------------
 
-    def handle(self, chain: Chain) -> int | None:
+    def handle(self, chain: Chain, stats: Stats) -> int | None:
         """Execute one chain; returns the used length, or None when no status could be written.
 
         None means the chain had nowhere to put a status byte: the caller marks
         the queue broken, because the driver cannot learn what happened.
         """
-        self.stats.requests += 1
+        stats.requests += 1
         try:
             req = parse_request(chain)
         except RequestError as e:
-            log.warning("queue request %d rejected: %s", chain.head, e.reason)
+            log.warning("request at descriptor %d rejected: %s", chain.head, e.reason)
             if e.status_buf is None:
                 return None
-            self.stats.ioerr += 1
+            stats.ioerr += 1
             e.status_buf[0] = e.status
             return 1
         try:
-            status = self._execute(req)
+            status = self._execute(req, stats)
         except RequestError as e:
             log.warning("request type %d sector %d: %s", req.type, req.sector, e.reason)
             status = e.status
@@ -160,9 +160,19 @@ class BlockDevice:
             log.error("request type %d sector %d: I/O error: %s", req.type, req.sector, e)
             status = Status.IOERR
         if status == Status.IOERR:
-            self.stats.ioerr += 1
+            stats.ioerr += 1
         elif status == Status.UNSUPP:
-            self.stats.unsupp += 1
+            stats.unsupp += 1
+        if self.trace:
+            log.debug(
+                "desc %d: %s sector %d out %d in %d -> %s",
+                chain.head,
+                _type_name(req.type),
+                req.sector,
+                req.out_len,
+                req.in_len,
+                Status(status).name,
+            )
         req.status[0] = status
         written = req.in_len if (status == Status.OK and req.type in _FILLS_IN) else 0
         return written + 1
@@ -177,14 +187,14 @@ class BlockDevice:
             raise self._fail(f"{nbytes} bytes at sector {sector} run past capacity {self.capacity}")
         return sector << SECTOR_SHIFT
 
-    def _execute(self, req: BlkRequest) -> Status:
+    def _execute(self, req: BlkRequest, stats: Stats) -> Status:
         t = req.type
         if t == ReqType.IN:
             if req.out_len:
                 raise self._fail("IN request carries device-readable data")
             offset = self._check_range(req.sector, req.in_len)
             self.image.readv(req.in_, offset)
-            self.stats.read_bytes += req.in_len
+            stats.read_bytes += req.in_len
             return Status.OK
         if t == ReqType.OUT:
             if req.in_len:
@@ -193,14 +203,14 @@ class BlockDevice:
                 raise self._fail("write to a read-only disk")
             offset = self._check_range(req.sector, req.out_len)
             self.image.writev(req.out, offset)
-            self.stats.write_bytes += req.out_len
+            stats.write_bytes += req.out_len
             if not self.config.writeback:
                 self.image.flush()
             return Status.OK
         if t == ReqType.FLUSH:
             if req.out_len or req.in_len:
                 raise self._fail("FLUSH request carries data")
-            self.stats.flushes += 1
+            stats.flushes += 1
             if not self.read_only:
                 self.image.flush()
             return Status.OK
@@ -210,7 +220,7 @@ class BlockDevice:
             self._get_id(req)
             return Status.OK
         if t == ReqType.DISCARD or t == ReqType.WRITE_ZEROES:
-            self._discard_or_zero(req)
+            self._discard_or_zero(req, stats)
             return Status.OK
         return Status.UNSUPP
 
@@ -224,7 +234,7 @@ class BlockDevice:
             if pos >= ID_BYTES:
                 break
 
-    def _discard_or_zero(self, req: BlkRequest) -> None:
+    def _discard_or_zero(self, req: BlkRequest, stats: Stats) -> None:
         zero = req.type == ReqType.WRITE_ZEROES
         if req.in_len:
             raise self._fail("discard/write-zeroes request carries device-writable data")
@@ -255,10 +265,17 @@ class BlockDevice:
                 continue
             if zero:
                 self.image.write_zeroes(offset, length, unmap=unmap)
-                self.stats.write_zeroes += 1
+                stats.write_zeroes += 1
             else:
                 self.image.discard(offset, length)
-                self.stats.discards += 1
+                stats.discards += 1
 
 
 _FILLS_IN = frozenset({ReqType.IN, ReqType.GET_ID})
+
+
+def _type_name(rtype: int) -> str:
+    try:
+        return ReqType(rtype).name
+    except ValueError:
+        return f"type-{rtype}"
