@@ -76,7 +76,9 @@ def fake_map(ram: bytearray) -> Callable[[int, int, int], tuple[memoryview, Call
 @pytest.fixture
 def session(device: BlockDevice, guest_ram: bytearray) -> tuple[BackendSession, RecordingHost]:
     host = RecordingHost()
-    return BackendSession(device, host, num_queues=2, map_region=fake_map(guest_ram)), host
+    return BackendSession(
+        device, host, num_queues=2, max_queue_size=256, map_region=fake_map(guest_ram)
+    ), host
 
 
 def send(
@@ -212,6 +214,7 @@ def test_bad_messages_get_error_replies_not_exceptions(
         (Request.SET_VRING_NUM, VringState(7, 64)),  # queue index out of range
         (Request.SET_VRING_NUM, VringState(0, 100)),  # not a power of two
         (Request.SET_VRING_NUM, VringState(0, 4096)),  # too large
+        (Request.SET_VRING_NUM, VringState(0, 512)),  # above --queue-size
         (Request.SET_VRING_BASE, VringState(0, 1 << 20)),
         (Request.SET_VRING_ENABLE, VringState(0, 5)),
         (Request.SET_CONFIG, Config(0, 8, 0, bytes(8))),  # capacity is not writable

@@ -250,7 +250,9 @@ class Server:
 
     def _serve_connection(self, conn: socket.socket) -> None:
         queues = _ConnectionQueues(self.device)
-        session = BackendSession(self.device, queues, num_queues=self.num_queues)
+        session = BackendSession(
+            self.device, queues, num_queues=self.num_queues, max_queue_size=self.device.queue_size
+        )
         reader = MessageReader()
         try:
             while self._wait_readable(conn.fileno()):

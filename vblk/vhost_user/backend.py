@@ -146,11 +146,13 @@ class BackendSession:
         host: QueueHost,
         *,
         num_queues: int,
+        max_queue_size: int = MAX_QUEUE_SIZE,
         map_region: MapRegion = map_fd,
     ) -> None:
         self.device = device
         self.host = host
         self.num_queues = num_queues
+        self.max_queue_size = min(max_queue_size, MAX_QUEUE_SIZE)
         self.map_region = map_region
         self.memory = GuestMemory()
         self.vrings = [Vring(i) for i in range(num_queues)]
@@ -327,8 +329,11 @@ class BackendSession:
         state = _state(msg)
         vring = self._vring(state.index)
         n = state.num
-        if not 0 < n <= MAX_QUEUE_SIZE or n & (n - 1):
-            raise _Reject(f"queue size {n} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        if not 0 < n <= self.max_queue_size or n & (n - 1):
+            raise _Reject(
+                f"queue size {n} refused: it must be a power of two up to "
+                f"{self.max_queue_size} (vblk serve --queue-size sets the limit)"
+            )
         vring.num = n
 
     def _set_vring_addr(self, msg: Message) -> None:
