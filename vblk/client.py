@@ -819,35 +819,31 @@ class Device:
         self, offset: int, buf: Buffer, length: int | None = None, *, check: bool = True
     ) -> None:
         """Read into ``buf`` (from :meth:`alloc`) directly: no copy on our side."""
-        length = buf.size if length is None else length
-        if check:
-            self._check(offset, length, "read")
-        if length > buf.size:
-            raise ValueError(f"read of {length} bytes into a {buf.size} byte buffer")
-        for pos in range(0, length, MAX_REQUEST_BYTES):
-            n = min(MAX_REQUEST_BYTES, length - pos)
-            q = self.queues[0]
-            status = self._run(
-                ReqType.IN, (offset + pos) >> SECTOR_SHIFT, (), q._split(buf.gpa + pos, n)
-            )
-            self._raise(status, f"read of {n} bytes at {offset + pos}")
+        self._transfer(ReqType.IN, offset, buf, length, check)
 
     def write_from(
         self, offset: int, buf: Buffer, length: int | None = None, *, check: bool = True
     ) -> None:
         """Write ``buf`` (from :meth:`alloc`) directly."""
+        self._transfer(ReqType.OUT, offset, buf, length, check)
+
+    def _transfer(
+        self, rtype: int, offset: int, buf: Buffer, length: int | None, check: bool
+    ) -> None:
+        """Move ``length`` bytes between ``buf`` and the disk in requests of at most 1 MiB."""
+        what = "read" if rtype == ReqType.IN else "write"
         length = buf.size if length is None else length
         if check:
-            self._check(offset, length, "write")
+            self._check(offset, length, what)
         if length > buf.size:
-            raise ValueError(f"write of {length} bytes from a {buf.size} byte buffer")
+            raise ValueError(f"{what} of {length} bytes with a {buf.size} byte buffer")
+        split = self.queues[0]._split
         for pos in range(0, length, MAX_REQUEST_BYTES):
             n = min(MAX_REQUEST_BYTES, length - pos)
-            q = self.queues[0]
-            status = self._run(
-                ReqType.OUT, (offset + pos) >> SECTOR_SHIFT, q._split(buf.gpa + pos, n), ()
-            )
-            self._raise(status, f"write of {n} bytes at {offset + pos}")
+            segs = split(buf.gpa + pos, n)
+            out, in_ = ((), segs) if rtype == ReqType.IN else (segs, ())
+            status = self._run(rtype, (offset + pos) >> SECTOR_SHIFT, out, in_)
+            self._raise(status, f"{what} of {n} bytes at {offset + pos}")
 
     def read(self, offset: int, length: int, *, check: bool = True) -> bytes:
         """Read ``length`` bytes at byte ``offset``; both multiples of 512."""

@@ -132,22 +132,12 @@ class GuestMemory:
         raise GuestMemoryError(f"guest range gpa {gpa:#x} len {length:#x} is not mapped")
 
     def translate_uaddr(self, uaddr: int, length: int) -> memoryview:
-        """Like :meth:`translate`, by the frontend's user address (how rings are given)."""
-        hit = self._uhit
-        if hit is not None:
-            start, end, buf = hit
-            if start <= uaddr < end and 0 <= length <= end - uaddr:
-                off = uaddr - start
-                return buf[off : off + length]
-        for r in self._regions:
-            end = r.uaddr + r.size
-            if r.uaddr <= uaddr < end:
-                if 0 <= length <= end - uaddr:
-                    self._uhit = (r.uaddr, end, r.buf)
-                    off = uaddr - r.uaddr
-                    return r.buf[off : off + length]
-                break
-        raise GuestMemoryError(f"user range uaddr {uaddr:#x} len {length:#x} is not mapped")
+        """Like :meth:`translate`, by the frontend's user address (how rings are given).
+
+        Only ring setup uses it, so it goes through the one bounds-checked path:
+        the region that holds ``uaddr`` is the one that holds its gpa.
+        """
+        return self.translate(self.uaddr_to_gpa(uaddr), length)
 
     def uaddr_to_gpa(self, uaddr: int) -> int:
         """The guest-physical address behind a frontend user address."""
