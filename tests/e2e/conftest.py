@@ -14,8 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-import guest as guest_tool  # noqa: E402
-from e2e_backend import KIND, Backend, make_image  # noqa: E402
+import guest as guest_tool
+from e2e_backend import KIND, Backend, make_image
 
 #: Every guest run is bounded; QEMU is killed after this.
 GUEST_TIMEOUT = 180.0
