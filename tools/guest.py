@@ -132,12 +132,22 @@ def _libraries(binary: str) -> list[str]:
 
 def build(cache: Path = CACHE) -> Guest:
     """The guest for this host's newest kernel, built once and cached."""
+    # Only kernels with both an image in /boot and modules (a container's /lib/modules
+    # may also hold the host kernel's directory, without its vmlinuz).
     kvers = sorted(
-        os.listdir("/lib/modules"),
-        key=lambda v: [int(x) if x.isdigit() else x for x in re.split(r"[.-]", v)],
+        (
+            v
+            for v in (os.listdir("/lib/modules") if os.path.isdir("/lib/modules") else [])
+            if os.path.exists(f"/boot/vmlinuz-{v}")
+            and os.path.exists(f"/lib/modules/{v}/modules.dep")
+        ),
+        key=lambda v: [int(x) if x.isdigit() else -1 for x in re.split(r"[.-]", v)],
     )
     if not kvers:
-        raise GuestError("no kernel in /lib/modules: apt-get install linux-image-amd64")
+        raise GuestError(
+            "no kernel with /boot/vmlinuz-* and /lib/modules/*/modules.dep: "
+            "run scripts/install-deps.sh (linux-image-amd64)"
+        )
     kver = kvers[-1]
     out = cache / f"{kver}-{VERSION}"
     guest = Guest(out / "vmlinuz", out / "initrd.gz")
