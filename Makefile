@@ -1,31 +1,48 @@
-# The README's two commands: `make demo` and `make test`.
+# The README's two commands are `make demo` and `make test`; the rest are for developers.
+# Everything runs as root on Debian bookworm (scripts/install-deps.sh installs QEMU etc.).
 PYTHON ?= python3
 
-.PHONY: demo test deps lint typecheck unit e2e bench-guest clean
+.PHONY: demo test deps lint fmt unit e2e e2e-qsd interop bench-guest guest clean
 
+# Serve demo/disk.img with vblk serve (2 queues) and let a real QEMU guest run fio on it.
 demo: deps
 	$(PYTHON) scripts/demo.py
 
-test: deps lint typecheck
-	$(PYTHON) -m pytest -v --durations=15
+# Lint, type-check, then every test: unit, interop (qemu-storage-daemon) and e2e (QEMU guests).
+test:
+	PYTHON=$(PYTHON) bash scripts/install-deps.sh
+	$(PYTHON) -m ruff check vblk tests tools scripts
+	$(PYTHON) -m mypy
+	$(PYTHON) -m mypy --strict tools/guest.py
+	$(PYTHON) -m pytest -v --durations=10
 
 deps:
-	bash scripts/install-deps.sh
+	PYTHON=$(PYTHON) bash scripts/install-deps.sh
 
 lint:
 	$(PYTHON) -m ruff check vblk tests tools scripts
-	$(PYTHON) -m ruff format --check vblk tests tools scripts
-
-typecheck:
 	$(PYTHON) -m mypy
 	$(PYTHON) -m mypy --strict tools/guest.py
 
-# Developer shortcuts.
-unit:
-	$(PYTHON) -m pytest -q -m "not e2e and not interop"
+fmt:
+	$(PYTHON) -m ruff format vblk tests tools scripts
 
+unit:
+	$(PYTHON) -m pytest -m "not e2e and not interop"
+
+interop:
+	$(PYTHON) -m pytest -v -m interop
+
+# Guest tests against vblk serve, or against qemu-storage-daemon as the reference backend.
 e2e:
 	$(PYTHON) -m pytest -v tests/e2e
+
+e2e-qsd:
+	VBLK_E2E_BACKEND=qsd $(PYTHON) -m pytest -v tests/e2e
+
+# Build (or find) the cached guest kernel + initramfs.
+guest:
+	$(PYTHON) tools/guest.py build
 
 bench-guest: deps
 	$(PYTHON) scripts/bench_guest.py

@@ -1,15 +1,22 @@
 #!/usr/bin/env python3
 """`make demo`: serve a disk with vblk and let a real guest run fio on it.
 
-Creates demo/disk.img (1 GiB, sparse), starts `vblk serve` with two queues,
-boots the small test guest (QEMU TCG, 2 vCPUs) whose own virtio-blk driver
-runs fio against /dev/vda, prints fio's results, then stops the server with
-SIGINT and shows it exits cleanly.
+1. creates demo/disk.img (1 GiB, sparse) with ``vblk serve --create 1G``,
+2. serves it on demo/vblk.sock with two queues,
+3. boots the small test guest (QEMU TCG, 2 vCPUs, vhost-user-blk-pci num-queues=2)
+   whose own virtio-blk driver runs fio against /dev/vda: 4k random read/write with
+   crc32c verification for 10 s, then 4k random read at queue depth 32,
+4. prints fio's result lines, stops the server with SIGINT and shows its exit status.
+
+Exit status 0 only when fio succeeded (verification included) and vblk serve exited 0.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,30 +27,65 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import guest as guest_tool  # noqa: E402
 
+# Two fio runs; each prints "@@ title" first and "fio_rc=N" last. One job per vCPU
+# (pinned), so both virtqueues carry I/O. verify_backlog makes a time-based run verify
+# as it goes (without it, fio skips verification when the time runs out).
 WORKLOAD = r"""
-echo "guest sees /dev/vda: $(($(cat /sys/block/vda/size) / 2048)) MiB, $(ls /sys/block/vda/mq | wc -l) queues, serial $(cat /sys/block/vda/serial)"
-echo "--- fio: 4k random read/write, 2 jobs, depth 16, crc32c verify (10 s)"
-fio --name=demo --filename=/dev/vda --rw=randrw --bs=4k --iodepth=16 --ioengine=libaio --direct=1 \
-    --size=64M --numjobs=2 --offset_increment=64M --runtime=10 --time_based --group_reporting \
-    --verify=crc32c --verify_fatal=1 2>&1 | grep -E "^ *(read|write|lat|clat) *[:(]|IOPS|err=" | grep -v "slat" | head -12
-echo "--- fio: 4k random read, depth 32 (8 s)"
-fio --name=rr --filename=/dev/vda --rw=randread --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
-    --size=128M --runtime=8 --time_based --output-format=terse --terse-version=3 \
-    | awk -F';' '{printf "randread 4k QD32: %d IOPS, mean completion latency %.0f us\n", $8, $16}'
+echo "@@ guest: /dev/vda is $(($(cat /sys/block/vda/size) / 2048)) MiB, $(ls /sys/block/vda/mq | wc -l) queues, $(grep -c ^processor /proc/cpuinfo) vCPUs, serial '$(cat /sys/block/vda/serial 2>/dev/null)'"
+echo "@@ fio 1/2: 4k random read+write, 2 jobs x iodepth 16, crc32c verify, 10 s"
+fio --filename=/dev/vda --rw=randrw --bs=4k --iodepth=16 --ioengine=libaio --direct=1 --size=64M \
+    --runtime=10 --time_based --group_reporting --verify=crc32c --verify_backlog=256 \
+    --verify_fatal=1 --eta=never \
+    --name=randrw-verify-cpu0 --cpus_allowed=0 --offset=0 \
+    --name=randrw-verify-cpu1 --cpus_allowed=1 --offset=64M 2>&1
+echo "fio_rc=$?"
+echo "@@ fio 2/2: 4k random read, iodepth 32, 5 s"
+fio --name=randread-qd32 --filename=/dev/vda --rw=randread --bs=4k --iodepth=32 --ioengine=libaio \
+    --direct=1 --size=128M --runtime=5 --time_based --eta=never 2>&1
+echo "fio_rc=$?"
 """
+
+# fio's summary lines worth showing (the rest is percentiles and histograms).
+RESULT_LINE = re.compile(
+    r"^\s*(read|write): IOPS=|^\s*clat \(|^\s*(READ|WRITE): bw=|err=\s*\d+|fio: .*(error|fail|bad)",
+    re.I,
+)
+
+
+def show(output: str) -> list[int]:
+    """Print the workload's headers and fio's result lines; return each fio's exit status."""
+    rcs: list[int] = []
+    for line in output.splitlines():
+        if line.startswith("@@ "):
+            print(f"\n{line[3:]}")
+        elif m := re.fullmatch(r"fio_rc=(\d+)", line.strip()):
+            rcs.append(int(m.group(1)))
+            print(
+                f"    fio exit status {rcs[-1]}"
+                + (" (verify ok)" if len(rcs) == 1 and rcs[-1] == 0 else "")
+            )
+        elif RESULT_LINE.search(line):
+            print("    " + line.strip())
+    return rcs
 
 
 def main() -> int:
     demo = ROOT / "demo"
     demo.mkdir(exist_ok=True)
     image, sock, log = demo / "disk.img", demo / "vblk.sock", demo / "vblk.log"
-    print("building the test guest (cached after the first time)...", flush=True)
+    if sock.exists() and stat.S_ISSOCK(sock.stat().st_mode):
+        sock.unlink()  # left by an earlier run that was killed
+    print("building the test guest (cached in ~/.cache/vblk/guest after the first time)...")
     g = guest_tool.build()
-    cmd = [sys.executable, "-m", "vblk", "serve", str(image), "--socket", str(sock)]
-    cmd += ["--create", "1G", "--num-queues", "2", "--serial", "vblk-demo"]
-    print("$ vblk " + " ".join(cmd[3:]))
+
+    args = ["serve", str(image.relative_to(ROOT)), "--socket", str(sock.relative_to(ROOT))]
+    args += ["--create", "1G", "--num-queues", "2", "--serial", "vblk-demo"]
+    vblk = shutil.which("vblk")
+    cmd = [vblk, *args] if vblk else [sys.executable, "-m", "vblk", *args]
+    print(f"$ vblk {' '.join(args)}    (log: {log.relative_to(ROOT)})", flush=True)
+    res: guest_tool.GuestResult | None = None
     with open(log, "w") as logf:
-        server = subprocess.Popen(cmd, stderr=logf)
+        server = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=logf)
         try:
             deadline = time.monotonic() + 20
             while not sock.exists():
@@ -52,26 +94,34 @@ def main() -> int:
                     print("demo: vblk serve did not start", file=sys.stderr)
                     return 1
                 time.sleep(0.05)
-            print(
-                "booting a guest against it (QEMU TCG, 2 vCPUs, vhost-user-blk-pci num-queues=2)..."
+            print("booting a guest against it: QEMU TCG, 2 vCPUs, vhost-user-blk-pci num-queues=2")
+            res = guest_tool.run_guest(
+                sock, WORKLOAD, num_queues=2, smp=2, mem="512M", timeout=300, guest=g
             )
-            res = guest_tool.run(
-                WORKLOAD, socket=str(sock), num_queues=2, smp=2, guest=g, timeout=300
-            )
-            print(res.output)
-            print(f"--- guest exited with status {res.rc} after {res.wall:.1f} s")
         except guest_tool.GuestError as e:
-            print(f"demo: {e}", file=sys.stderr)
-            res = None
+            print(f"demo: {str(e).splitlines()[0]}", file=sys.stderr)
         finally:
             server.send_signal(signal.SIGINT)
-            rc = server.wait(30)
-    print(f"--- vblk serve stopped on SIGINT with exit status {rc}; its log: {log}")
+            try:
+                rc = server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                rc = server.wait()
+                print("demo: vblk serve ignored SIGINT for 30 s; killed", file=sys.stderr)
+
+    fio_rcs = show(res.output) if res is not None else []
+    if res is not None:
+        print(f"\nguest powered off after {res.wall:.1f} s (workload status {res.rc})")
+    print(f"\n$ kill -INT <vblk serve>  ->  vblk serve exited with status {rc}")
+    last: dict[str, str] = {}  # each queue's counters from the last guest session
     for line in log.read_text().splitlines():
-        if " queue " in line and "requests" in line:
-            print("   ", line.split(": ", 1)[1])
-    ok = res is not None and res.rc == 0 and rc == 0
-    print("demo: OK" if ok else "demo: FAILED")
+        if m := re.search(r"(queue (\d+): \d+ requests.*)", line):
+            last[m.group(2)] = m.group(1)
+    for q in sorted(last):
+        print(f"    {last[q]}")
+    print(f"    socket removed: {'yes' if not sock.exists() else 'NO'}")
+    ok = res is not None and res.rc == 0 and fio_rcs == [0, 0] and rc == 0
+    print("\ndemo: OK" if ok else "\ndemo: FAILED")
     return 0 if ok else 1
 
 
