@@ -215,3 +215,41 @@ def test_event_idx_suppresses_interrupts(served: tuple[Path, Path, subprocess.Po
         assert q.waits - waits_before < 20 * 64 // 4
         assert q.kicks <= 20 + 1
     assert os.path.exists(sock)
+
+
+def test_hangup_mid_header_is_only_that_connection(
+    served: tuple[Path, Path, subprocess.Popen[str]],
+) -> None:
+    _, sock, proc = served
+    s = raw_connect(sock)
+    s.sendall(struct.pack("<III", Request.GET_FEATURES, FLAG_VERSION, 0)[:5])
+    s.close()
+    time.sleep(0.3)
+    assert proc.poll() is None
+    still_serves(sock)
+
+
+def test_sigint_is_prompt_even_with_a_stalled_frontend(tmp_path: Path) -> None:
+    img = tmp_path / "d.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vblk", "serve", str(img), "--socket", str(sock)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    s = raw_connect(sock)
+    s.sendall(struct.pack("<III", Request.SET_FEATURES, FLAG_VERSION, 8) + b"\0\0")  # 6 of 8 bytes
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 < 5
+    assert not sock.exists()
+    s.close()

@@ -10,19 +10,19 @@ another, and the main thread for the control socket.
 from __future__ import annotations
 
 import array
-import errno
 import logging
 import os
 import select
 import socket
 import stat
 import threading
+import time
 
 from vblk.blk.device import BlockDevice, Stats
 from vblk.errors import ProtocolError, VblkError
 from vblk.vhost_user.backend import BackendSession, Vring
 from vblk.vhost_user.codec import MessageReader, encode
-from vblk.vhost_user.defs import HEADER_SIZE, MAX_FDS
+from vblk.vhost_user.defs import HEADER_SIZE, MAX_FDS, MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 NOTIFY_BATCH = 16
 #: How long a stopping queue may take to finish its in-flight request.
 STOP_TIMEOUT = 60.0
+#: A frontend that starts a message must finish it within this time, or be dropped.
+MESSAGE_TIMEOUT = 10.0
 
 
 class ServeError(VblkError):
@@ -192,13 +194,21 @@ class Server:
                 raise ServeError(f"socket {path}: in use by another server")
             finally:
                 probe.close()
+        # Bind under a temporary name and rename once listening: whoever sees
+        # the path (QEMU, a test waiting for it) can connect at once.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
         try:
-            sock.bind(path)
-            sock.listen(1)
+            sock.bind(tmp)
+            sock.listen(4)
+            os.rename(tmp, path)
         except OSError as e:
             sock.close()
-            raise ServeError(f"socket {path}: cannot listen: {e.strerror}") from None
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise ServeError(f"socket {path}: cannot listen: {e.strerror or e}") from None
         return sock
 
     def request_shutdown(self) -> None:
@@ -213,7 +223,12 @@ class Server:
             while not self._shutdown:
                 if not self._wait_readable(self.listener.fileno()):
                     break
-                conn, _ = self.listener.accept()
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError as e:
+                    log.error("accept failed: %s", e)
+                    time.sleep(0.1)
+                    continue
                 log.info("frontend connected")
                 try:
                     self._serve_connection(conn)
@@ -234,14 +249,23 @@ class Server:
         except OSError as e:
             log.error("final flush failed: %s", e)
 
-    def _wait_readable(self, fd: int) -> bool:
-        """Block until ``fd`` is readable; False if shutdown came first."""
+    def _wait_readable(self, fd: int, timeout: float | None = None) -> bool:
+        """Block until ``fd`` is readable; False if shutdown came first.
+
+        With ``timeout`` (seconds), TimeoutError when it passes first.
+        """
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(self._wake, select.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self._shutdown:
+            ms = None
+            if deadline is not None:
+                ms = int((deadline - time.monotonic()) * 1000)
+                if ms <= 0:
+                    raise TimeoutError
             try:
-                events = poller.poll()
+                events = poller.poll(ms)
             except InterruptedError:
                 continue
             if any(f == fd for f, _ in events):
@@ -257,6 +281,8 @@ class Server:
         try:
             while self._wait_readable(conn.fileno()):
                 data, fds = self._recv_message(conn)
+                if data is None:
+                    break  # shutting down
                 if not data:
                     return
                 reader.feed(data, fds)
@@ -266,35 +292,74 @@ class Server:
                         conn.sendall(encode(answer))
         except ProtocolError as e:
             log.warning("dropping frontend: %s", e)
+        except TimeoutError:
+            log.warning(
+                "dropping frontend: stalled %.0fs in the middle of a message", MESSAGE_TIMEOUT
+            )
         except OSError as e:
-            if e.errno not in (errno.ECONNRESET, errno.EPIPE):
-                raise
-            log.warning("frontend connection lost: %s", e.strerror)
+            log.warning("frontend connection lost: %s", e)
+        except Exception:
+            # A bug of ours must cost the connection, never the process.
+            log.exception("dropping frontend after an internal error")
         finally:
             reader.close()
             session.close()
 
-    @staticmethod
-    def _recv_message(conn: socket.socket) -> tuple[bytes, list[int]]:
-        """Read exactly one message: its header (with any fds), then its payload."""
+    def _recv_message(self, conn: socket.socket) -> tuple[bytes | None, list[int]]:
+        """Read exactly one message: its header (with any fds), then its payload.
+
+        Returns (b"", []) when the frontend hung up between messages and
+        (None, []) on shutdown. The fds arrive with the header's first bytes.
+        Each read waits for data first, so shutdown is never stuck behind a
+        frontend that stalls mid-message; that frontend is dropped after
+        MESSAGE_TIMEOUT.
+        """
         fds: list[int] = []
-        header, ancdata, _, _ = conn.recvmsg(
-            HEADER_SIZE,
-            socket.CMSG_SPACE(MAX_FDS * 4),
-            socket.MSG_WAITALL | socket.MSG_CMSG_CLOEXEC,
-        )
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
-                fds.extend(arr)
-        if len(header) < HEADER_SIZE:
+        deadline = time.monotonic() + MESSAGE_TIMEOUT
+
+        def ready() -> bool:
+            return self._wait_readable(conn.fileno(), max(0.0, deadline - time.monotonic()))
+
+        try:
+            header = b""
+            while len(header) < HEADER_SIZE:
+                if header and not ready():
+                    raise _Shutdown
+                data, ancdata, _, _ = conn.recvmsg(
+                    HEADER_SIZE - len(header),
+                    socket.CMSG_SPACE(MAX_FDS * 4),
+                    socket.MSG_CMSG_CLOEXEC,
+                )
+                for level, kind, cdata in ancdata:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        arr = array.array("i")
+                        arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
+                        fds.extend(arr)
+                if not data:
+                    if header:
+                        raise ProtocolError("frontend hung up in the middle of a message header")
+                    return b"", []
+                header += data
+            size = int.from_bytes(header[8:12], "little")
+            if size > MAX_PAYLOAD:
+                # MessageReader rejects it as a ProtocolError; never read a giant payload.
+                return header, fds
+            payload = b""
+            while len(payload) < size:
+                if not ready():
+                    raise _Shutdown
+                chunk = conn.recv(size - len(payload))
+                if not chunk:
+                    raise ProtocolError("frontend hung up in the middle of a message payload")
+                payload += chunk
+            return header + payload, fds
+        except BaseException as e:
             for fd in fds:
                 os.close(fd)
-            return b"", []
-        size = int.from_bytes(header[8:12], "little")
-        payload = b""
-        if 0 < size <= 1 << 16:
-            payload = conn.recv(size, socket.MSG_WAITALL)
-        # Oversized headers are left for MessageReader to reject as a ProtocolError.
-        return header + payload, fds
+            if isinstance(e, _Shutdown):
+                return None, []
+            raise
+
+
+class _Shutdown(Exception):
+    """Shutdown was requested while a message was half read."""
