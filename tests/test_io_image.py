@@ -1,6 +1,7 @@
 """Image opening, sizing and the zeroing fallbacks."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,42 @@ def test_write_zeroes_fallback_to_writing(tmp_path: Path, monkeypatch: pytest.Mo
         and data[:4096] == b"\xff" * 4096
         and data[12288:13000] == b"\xff" * 712
     )
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    """A real block device: a loop device over a sparse file (needs root and /dev/loop*)."""
+    import shutil
+    import subprocess
+
+    backing = tmp_path / "backing.img"
+    with open(backing, "wb") as f:
+        f.truncate(16 << 20)
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("loop devices need root and losetup")
+    p = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"no loop device available: {p.stderr.strip()}")
+    dev = p.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_block_device_size_discard_and_zeroout(loop_device: str) -> None:
+    img = Image(loop_device)
+    try:
+        assert img.is_block_device and img.size == 16 << 20
+        data = os.urandom(1 << 20)
+        img.writev([memoryview(data)], 0)
+        img.discard(0, 65536)
+        img.write_zeroes(65536, 65536, unmap=False)  # BLKZEROOUT
+        img.write_zeroes(131072, 65536, unmap=True)  # BLKDISCARD, checked, else BLKZEROOUT
+        buf = bytearray(1 << 20)
+        img.readv([memoryview(buf)], 0)
+        assert bytes(buf[:196608]) == bytes(196608)
+        assert bytes(buf[196608:]) == data[196608:]
+        img.flush()
+    finally:
+        img.close()
