@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,13 +279,17 @@ def run_guest(
     extra_device_opts: str = "",
     image: str | os.PathLike[str] | None = None,
     guest: Guest | None = None,
+    alive: Callable[[], bool] | None = None,
 ) -> GuestResult:
     """Boot the guest against ``socket`` (or, as a baseline, QEMU's own virtio-blk on ``image``),
     run ``workload`` (shell text) inside it and return what it printed.
 
-    QEMU is killed when ``timeout`` seconds pass; that, a QEMU that cannot start and a guest that
-    never reaches the workload raise :class:`GuestError`. A workload that fails is not an error:
-    its status is ``rc``, and QEMU's tail is printed to stderr to help whoever reads the failure.
+    QEMU is killed when ``timeout`` seconds pass, or as soon as ``alive()`` (polled twice a
+    second; e.g. "is the backend process still running?") returns false, since a guest whose
+    disk went away would hang until the timeout. Those, a QEMU that cannot start and a guest
+    that never reaches the workload raise :class:`GuestError`. A workload that fails is not
+    an error: its status is ``rc``, and QEMU's tail is printed to stderr for whoever reads
+    the failure.
     """
     guest = guest or build()
     extra = gzip.compress(_cpio([("workload.sh", 0o100755, workload.encode())]), 1)
@@ -298,21 +302,34 @@ def run_guest(
             mem=mem, device_opts=extra_device_opts,
         )  # fmt: skip
         t0 = time.monotonic()
+        # stdin is not the terminal: QEMU's stdio chardev would leave a tty in raw mode
+        # if it were killed.
+        p = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        why = ""
         try:
-            # stdin is not the terminal: QEMU's stdio chardev would leave a tty in raw mode
-            # if it were killed. subprocess.run kills QEMU on timeout and on any exception.
-            p = subprocess.run(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired as e:
-            console = (e.stdout or b"").decode(errors="replace").replace("\r", "")
-            raise _fail(f"guest timed out after {timeout:.0f}s, QEMU killed", console) from None
+            while True:
+                try:
+                    out, _ = p.communicate(timeout=0.5)  # retrying loses no output
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() - t0 > timeout:
+                        why = f"guest timed out after {timeout:.0f}s, QEMU killed"
+                    elif alive is not None and not alive():
+                        why = "the backend went away while the guest ran, QEMU killed"
+                    if why:
+                        p.kill()
+                        out, _ = p.communicate()
+                        break
+        finally:
+            if p.poll() is None:  # an exception (^C) while waiting: QEMU must not outlive us
+                p.kill()
+                p.wait()
         wall = time.monotonic() - t0
-    console = p.stdout.decode(errors="replace").replace("\r", "")
+    console = out.decode(errors="replace").replace("\r", "")
+    if why:
+        raise _fail(why, console)
     if BEGIN not in console:
         raise _fail(f"guest never ran the workload (QEMU exit status {p.returncode})", console)
     body = console.split(BEGIN, 1)[1].split(END, 1)[0]

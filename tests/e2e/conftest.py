@@ -7,7 +7,7 @@ is ``vblk serve`` unless ``VBLK_E2E_BACKEND=qsd`` selects qemu-storage-daemon.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,18 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 import guest as guest_tool
-from e2e_backend import KIND, Backend, make_image
-
-#: Every guest run is bounded; QEMU is killed after this.
-GUEST_TIMEOUT = 180.0
-WORKLOADS = Path(__file__).resolve().parent / "workloads"
-
-StartBackend = Callable[..., Backend]
-Boot = Callable[..., guest_tool.GuestResult]
-
-
-def workload(name: str) -> str:
-    return (WORKLOADS / name).read_text()
+from e2e_backend import GUEST_TIMEOUT, KIND, Backend, Boot, StartBackend, make_image
 
 
 def pytest_report_header() -> str:
@@ -72,6 +61,7 @@ def boot(guest: guest_tool.Guest) -> Boot:
 
     def run(backend: Backend, script: str, **kw: object) -> guest_tool.GuestResult:
         kw.setdefault("timeout", GUEST_TIMEOUT)
+        kw.setdefault("alive", backend.alive)  # a crashed backend fails the boot at once
         try:
             return guest_tool.run_guest(backend.socket, script, guest=guest, **kw)  # type: ignore[arg-type]
         except guest_tool.GuestError as e:

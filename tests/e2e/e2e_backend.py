@@ -14,13 +14,29 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
 KINDS = ("vblk", "qsd")
 KIND = os.environ.get("VBLK_E2E_BACKEND", "vblk").strip() or "vblk"
+
+#: Every guest run is bounded; QEMU is killed after this.
+GUEST_TIMEOUT = 180.0
+WORKLOADS = Path(__file__).resolve().parent / "workloads"
+
+#: The fixtures' callables: ``start_backend(name, size=, head=, **Backend options)`` and
+#: ``boot(backend, workload_text, **run_guest options)``.
+StartBackend = Callable[..., "Backend"]
+Boot = Callable[..., Any]
+
+
+def workload(name: str) -> str:
+    """A guest workload script from tests/e2e/workloads/."""
+    return (WORKLOADS / name).read_text()
+
 
 vblk_only = pytest.mark.skipif(
     KIND != "vblk",
@@ -87,6 +103,9 @@ class Backend:
             "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
             f"addr.path={self.socket},writable=on,num-queues={num_queues}",
         ]  # fmt: skip
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     @property
     def log(self) -> str:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import guest as guest_tool
 import pytest
-from conftest import Boot, StartBackend, workload
-from e2e_backend import KIND, Backend, vblk_only
+from e2e_backend import KIND, Backend, Boot, StartBackend, vblk_only, workload
 
 pytestmark = pytest.mark.e2e
 
