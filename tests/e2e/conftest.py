@@ -15,11 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 import guest as guest_tool
-from e2e_backend import GUEST_TIMEOUT, KIND, Backend, Boot, StartBackend, make_image
-
-
-def pytest_report_header() -> str:
-    return f"e2e backend: {KIND} (VBLK_E2E_BACKEND)"
+from e2e_backend import GUEST_TIMEOUT, Backend, Boot, StartBackend, make_image
 
 
 @pytest.fixture(scope="session")
