@@ -447,8 +447,9 @@ def test_random_rings_never_raise(
         if c is None:
             assert r.q.broken is not None or h >= size
             break
-        # a chain never yields more segments than a ring plus one table
-        assert len(c.readable) + len(c.writable) <= size + 3
+        # a chain never yields more segments than the ring's descriptors plus one
+        # indirect table (the largest length drawn above is 0x1000: 256 entries)
+        assert len(c.readable) + len(c.writable) <= size + 0x1000 // 16
         if c.error is None:
             r.q.push(c.head, 0)
 
