@@ -205,3 +205,27 @@ def test_stats_count_what_each_queue_asked(dev: BlockDevice) -> None:
     request(dev, 77, 0, stats=st)  # UNSUPP
     assert (st.requests, st.write_bytes, st.read_bytes, st.flushes) == (7, 4096, 1024, 1)
     assert (st.discards, st.write_zeroes, st.ioerr, st.unsupp) == (1, 1, 1, 1)
+
+
+def test_start_finish_split_and_short_or_failed_transfers(dev: BlockDevice) -> None:
+    from vblk.blk.device import DataRequest
+
+    payload = os.urandom(8192)
+    request(dev, ReqType.OUT, 0, payload)
+    data, status = mv(8192), mv(b"\xee")
+    st = Stats()
+    chain = Chain(5, [mv(struct.pack("<IIQ", ReqType.IN, 0, 0))], [data, status])
+    started = dev.start(chain, st)
+    assert isinstance(started, DataRequest) and not started.write and started.nbytes == 8192
+    assert status[0] == 0xEE  # nothing completed yet
+    # The engine moved only 1000 bytes: finish completes the rest itself.
+    dev.image.readv([data[:1000]], 0)
+    assert dev.finish(started, 1000, st) == 8193
+    assert status[0] == Status.OK and bytes(data) == payload
+    # A failed transfer (-EIO) is IOERR with used length 1.
+    started = dev.start(chain, st)
+    assert isinstance(started, DataRequest)
+    assert dev.finish(started, -5, st) == 1 and status[0] == Status.IOERR
+    # Non-data requests complete inside start.
+    flush = Chain(6, [mv(struct.pack("<IIQ", ReqType.FLUSH, 0, 0))], [mv(b"\xee")])
+    assert dev.start(flush, st) == 1

@@ -253,3 +253,50 @@ def test_sigint_is_prompt_even_with_a_stalled_frontend(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 5
     assert not sock.exists()
     s.close()
+
+
+@pytest.mark.parametrize("engine", ["sync", "uring", "threads"])
+@pytest.mark.parametrize("direct", [False, True])
+def test_io_engines_move_the_right_bytes(tmp_path: Path, engine: str, direct: bool) -> None:
+    from vblk.io import uring
+
+    if engine == "uring" and not uring.available():
+        pytest.skip("io_uring not allowed here")
+    img = tmp_path / "e.img"
+    with open(img, "wb") as f:
+        f.truncate(IMG_SIZE)
+    sock = tmp_path / "e.sock"
+    args = ["--io-engine", engine, "--num-queues", "2"] + (["--direct"] if direct else [])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vblk", "serve", str(img), "--socket", str(sock), *args],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    pattern = os.urandom(1 << 20)
+    with vblk.client.connect(str(sock), num_queues=2, timeout=10) as dev:
+        for qi, q in enumerate(dev.queues):  # 64 writes in flight per queue
+            buf = dev.alloc(1 << 20)
+            buf.view[:] = pattern
+            base = qi * (2 << 20)
+            for i in range(64):
+                q.submit_write((base + i * 16384) >> 9, buf.gpa + i * 16384, 16384)
+            q.kick()
+            done: list[tuple[object, int]] = []
+            while q.in_flight:
+                q.complete(done)
+            assert [st for _, st in done] == [Status.OK] * 64
+        dev.flush()
+        assert dev.read(2 << 20, 1 << 20) == pattern
+        r = dev.submit_raw(ReqType.IN, IMG_SIZE // 512, in_len=512)  # past the end
+        assert r.status == Status.IOERR
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    data = img.read_bytes()
+    assert data[: 1 << 20] == pattern and data[2 << 20 : 3 << 20] == pattern
+    assert f"I/O engine {engine}" in err

@@ -52,6 +52,16 @@ def _queue_size(text: str) -> int:
     return value
 
 
+def _io_threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 256, got {value}")
+    return value
+
+
 def _size(text: str) -> int:
     from vblk.io.image import parse_size
 
@@ -93,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--create", type=_size, metavar="SIZE", help="create a sparse IMAGE of SIZE if missing"
     )
     serve.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
+    serve.add_argument(
+        "--io-engine",
+        choices=["sync", "uring", "threads"],
+        help="how one queue's requests overlap: sync runs them on the queue thread, uring "
+        "submits reads and writes to io_uring, threads uses a pool "
+        "(default uring with --direct where io_uring works, else sync)",
+    )
+    serve.add_argument(
+        "--io-threads",
+        type=_io_threads,
+        default=4,
+        metavar="N",
+        help="pool size per queue for --io-engine threads (default 4)",
+    )
     _add_log_level(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -123,6 +147,7 @@ def _setup_logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from vblk.blk.device import BlockDevice
+    from vblk.io import uring
     from vblk.io.image import Image
     from vblk.server import Server
 
@@ -142,7 +167,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         read_only=args.read_only,
         serial=args.serial,
     )
-    server = Server(device, args.socket, num_queues=args.num_queues)
+    engine = args.io_engine
+    if engine is None:
+        engine = "uring" if args.direct and uring.available() else "sync"
+    elif engine == "uring" and not uring.available():
+        raise UsageError("--io-engine uring: io_uring is not available here (kernel or seccomp)")
+    server = Server(
+        device, args.socket, num_queues=args.num_queues, engine=engine, io_threads=args.io_threads
+    )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("%s: finishing in-flight requests and shutting down", signal.Signals(signum).name)
@@ -151,11 +183,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     log.info(
-        "serving %s (%d sectors%s) with %d queue(s)",
+        "serving %s (%d sectors%s%s) with %d queue(s), %s",
         args.image,
         device.capacity,
         ", read-only" if device.read_only else "",
+        ", O_DIRECT" if args.direct else "",
         args.num_queues,
+        f"I/O engine {engine}"
+        + (f" ({args.io_threads} threads each)" if engine == "threads" else ""),
     )
     server.serve_forever()
     image.close()

@@ -7,10 +7,12 @@ guest's input needs (range, alignment, limits, direction, read-only) is here.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
 from vblk.blk.defs import (
@@ -40,6 +42,18 @@ MAX_DISCARD_SEG = 16
 DISCARD_ALIGNMENT_SECTORS = 8
 
 
+@dataclass(slots=True)
+class DataRequest:
+    """A checked read or write waiting for an I/O engine: where, which buffers, which way."""
+
+    req: BlkRequest
+    head: int
+    write: bool
+    offset: int
+    bufs: list[memoryview]
+    nbytes: int
+
+
 @dataclass
 class Stats:
     """What one queue asked of the device; each queue thread owns one, so no locking."""
@@ -52,6 +66,10 @@ class Stats:
     write_zeroes: int = 0
     ioerr: int = 0
     unsupp: int = 0
+
+    def add(self, other: Stats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class BlockDevice:
@@ -136,10 +154,29 @@ class BlockDevice:
     # -- requests -------------------------------------------------------------
 
     def handle(self, chain: Chain, stats: Stats) -> int | None:
-        """Execute one chain; returns the used length, or None when no status could be written.
+        """Execute one chain now; returns the used length, or None when no status could be written.
 
         None means the chain had nowhere to put a status byte: the caller marks
         the queue broken, because the driver cannot learn what happened.
+        """
+        started = self.start(chain, stats)
+        if not isinstance(started, DataRequest):
+            return started
+        try:
+            if started.write:
+                self.image.writev(started.bufs, started.offset)
+            else:
+                self.image.readv(started.bufs, started.offset)
+        except OSError as e:
+            return self.finish(started, -(e.errno or errno.EIO), stats)
+        return self.finish(started, started.nbytes, stats)
+
+    def start(self, chain: Chain, stats: Stats) -> DataRequest | int | None:
+        """Parse and check a chain; run it unless it is a read or write.
+
+        A valid IN/OUT comes back as a :class:`DataRequest` for an I/O engine to
+        carry out and hand to :meth:`finish`. Anything else is done here and
+        its used length returned (None: no status byte, see :meth:`handle`).
         """
         stats.requests += 1
         try:
@@ -152,6 +189,9 @@ class BlockDevice:
             e.status_buf[0] = e.status
             return 1
         try:
+            data = self._data_request(req, chain.head)
+            if data is not None:
+                return data
             status = self._execute(req, stats)
         except RequestError as e:
             log.warning("request type %d sector %d: %s", req.type, req.sector, e.reason)
@@ -159,6 +199,36 @@ class BlockDevice:
         except OSError as e:
             log.error("request type %d sector %d: I/O error: %s", req.type, req.sector, e)
             status = Status.IOERR
+        return self._complete(req, chain.head, status, stats)
+
+    def finish(self, data: DataRequest, result: int, stats: Stats) -> int:
+        """Complete a read or write whose I/O moved ``result`` bytes (or failed with -errno)."""
+        req = data.req
+        status = Status.OK
+        try:
+            if 0 <= result < data.nbytes:
+                # Short transfer (a signal, a resized file): finish it synchronously.
+                done = result
+                rest = _advance(data.bufs, done)
+                if data.write:
+                    self.image.writev(rest, data.offset + done)
+                else:
+                    self.image.readv(rest, data.offset + done)
+            elif result < 0:
+                raise OSError(-result, os.strerror(-result))
+            if data.write:
+                stats.write_bytes += data.nbytes
+                if not self.config.writeback:
+                    self.image.flush()
+            else:
+                stats.read_bytes += data.nbytes
+        except OSError as e:
+            log.error("request type %d sector %d: I/O error: %s", req.type, req.sector, e)
+            status = Status.IOERR
+        return self._complete(req, data.head, status, stats)
+
+    def _complete(self, req: BlkRequest, head: int, status: Status, stats: Stats) -> int:
+        """Write the status byte; returns the used length."""
         if status == Status.IOERR:
             stats.ioerr += 1
         elif status == Status.UNSUPP:
@@ -166,7 +236,7 @@ class BlockDevice:
         if self.trace:
             log.debug(
                 "desc %d: %s sector %d out %d in %d -> %s",
-                chain.head,
+                head,
                 _type_name(req.type),
                 req.sector,
                 req.out_len,
@@ -174,8 +244,29 @@ class BlockDevice:
                 Status(status).name,
             )
         req.status[0] = status
-        written = req.in_len if (status == Status.OK and req.type in _FILLS_IN) else 0
-        return written + 1
+        if status != Status.OK:
+            return 1
+        if req.type == ReqType.IN:
+            return req.in_len + 1
+        if req.type == ReqType.GET_ID:
+            return min(req.in_len, ID_BYTES) + 1
+        return 1
+
+    def _data_request(self, req: BlkRequest, head: int) -> DataRequest | None:
+        """The checked I/O of an IN or OUT request; None for other types."""
+        if req.type == ReqType.IN:
+            if req.out_len:
+                raise self._fail("IN request carries device-readable data")
+            offset = self._check_range(req.sector, req.in_len)
+            return DataRequest(req, head, False, offset, req.in_, req.in_len)
+        if req.type == ReqType.OUT:
+            if req.in_len:
+                raise self._fail("OUT request carries device-writable data")
+            if self.read_only:
+                raise self._fail("write to a read-only disk")
+            offset = self._check_range(req.sector, req.out_len)
+            return DataRequest(req, head, True, offset, req.out, req.out_len)
+        return None
 
     def _fail(self, reason: str, status: Status = Status.IOERR) -> RequestError:
         return RequestError(reason, status, None)
@@ -188,25 +279,8 @@ class BlockDevice:
         return sector << SECTOR_SHIFT
 
     def _execute(self, req: BlkRequest, stats: Stats) -> Status:
+        """Requests other than IN/OUT: small, rare, run synchronously."""
         t = req.type
-        if t == ReqType.IN:
-            if req.out_len:
-                raise self._fail("IN request carries device-readable data")
-            offset = self._check_range(req.sector, req.in_len)
-            self.image.readv(req.in_, offset)
-            stats.read_bytes += req.in_len
-            return Status.OK
-        if t == ReqType.OUT:
-            if req.in_len:
-                raise self._fail("OUT request carries device-writable data")
-            if self.read_only:
-                raise self._fail("write to a read-only disk")
-            offset = self._check_range(req.sector, req.out_len)
-            self.image.writev(req.out, offset)
-            stats.write_bytes += req.out_len
-            if not self.config.writeback:
-                self.image.flush()
-            return Status.OK
         if t == ReqType.FLUSH:
             if req.out_len or req.in_len:
                 raise self._fail("FLUSH request carries data")
@@ -271,7 +345,16 @@ class BlockDevice:
                 stats.discards += 1
 
 
-_FILLS_IN = frozenset({ReqType.IN, ReqType.GET_ID})
+def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """``bufs`` without their first ``n`` bytes."""
+    out: list[memoryview] = []
+    for b in bufs:
+        if n >= len(b):
+            n -= len(b)
+            continue
+        out.append(b[n:] if n else b)
+        n = 0
+    return out
 
 
 def _type_name(rtype: int) -> str:
