@@ -58,11 +58,12 @@ class Backend:
         num_queues: int = 2,
         serial: str | None = None,
         read_only: bool = False,
+        extra: tuple[str, ...] = (),
     ) -> None:
         if kind not in KINDS:
             raise pytest.UsageError(f"VBLK_E2E_BACKEND must be one of {KINDS}, not {kind!r}")
         self.kind, self.image, self.socket, self.log_path = kind, image, socket, log_path
-        self.cmd = self._command(num_queues, serial, read_only)
+        self.cmd = self._command(num_queues, serial, read_only, extra)
         self._log: IO[str] = open(log_path, "w")
         self.proc = subprocess.Popen(
             self.cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
@@ -78,7 +79,9 @@ class Backend:
                 )
             time.sleep(0.05)
 
-    def _command(self, num_queues: int, serial: str | None, read_only: bool) -> list[str]:
+    def _command(
+        self, num_queues: int, serial: str | None, read_only: bool, extra: tuple[str, ...]
+    ) -> list[str]:
         if self.kind == "vblk":
             cmd = [sys.executable, "-m", "vblk", "serve", str(self.image)]
             cmd += ["--socket", str(self.socket), "--num-queues", str(num_queues)]
@@ -86,9 +89,11 @@ class Backend:
                 cmd += ["--serial", serial]
             if read_only:
                 cmd.append("--read-only")
-            return cmd
-        if serial is not None or read_only:
-            raise ValueError("serial/read-only are vblk serve options; mark the test vblk_only")
+            return cmd + list(extra)
+        if serial is not None or read_only or extra:
+            raise ValueError(
+                "serial/read-only/extra are vblk serve options; mark the test vblk_only"
+            )
         qsd = shutil.which("qemu-storage-daemon")
         if qsd is None:
             pytest.fail("qemu-storage-daemon is missing: bash scripts/install-deps.sh")

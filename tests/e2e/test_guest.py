@@ -148,3 +148,26 @@ def test_read_only(start_backend: StartBackend, boot: Boot) -> None:
     assert v["write"] == "failed", res.output
     assert v["head_md5"] == hashlib.md5(head).hexdigest()
     assert hashlib.md5(ro.image.read_bytes()).hexdigest() == before
+
+
+def test_guest_driver_reset_keeps_data_and_service(start_backend: StartBackend, boot: Boot) -> None:
+    backend = start_backend("reset", size=256 << 20, num_queues=2)
+    res = boot(backend, workload("reset.sh"), num_queues=2, smp=2)
+    assert backend.stop() == 0, backend.log[-3000:]
+    v = _values(res)
+    assert (v.get("rmmod"), v.get("insmod")) == ("ok", "ok"), res.output
+    assert v["after_md5"] == v["before_md5"]
+    assert v.get("fio_after_reset") == "ok", res.output
+
+
+@vblk_only
+def test_direct_io_uring(start_backend: StartBackend, boot: Boot) -> None:
+    backend = start_backend("direct", size=SIZE, num_queues=2, extra=("--direct",))
+    res = boot(backend, workload("direct.sh"), num_queues=2, smp=2)
+    assert backend.stop() == 0, backend.log[-3000:]
+    assert "I/O engine uring" in backend.log or "I/O engine sync" in backend.log
+    v = _values(res)
+    assert v.get("fio_verify") == "ok", res.output
+    with open(backend.image, "rb") as f:
+        f.seek(PATTERN_OFFSET)
+        assert hashlib.md5(f.read(PATTERN_SIZE)).hexdigest() == v["pattern_md5"]
