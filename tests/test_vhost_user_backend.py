@@ -292,3 +292,95 @@ def test_close_stops_running_queues(
     s.close()
     assert host.stopped == [1]
     assert s.memory.regions == ()
+
+
+# -- any sequence of messages: answered or refused, never raised -----------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_u64 = st.one_of(st.integers(0, 8), st.integers(0, 2**64 - 1))
+_u32 = st.one_of(
+    st.integers(0, 4), st.sampled_from([64, 128, 1024, 4096]), st.integers(0, 2**32 - 1)
+)
+_addr = st.one_of(
+    st.sampled_from([UADDR, UADDR + 0x1000, UADDR + MEM - 8, GPA, 0]), st.integers(0, 2**64 - 1)
+)
+_region = st.builds(
+    MemRegion,
+    gpa=st.sampled_from([GPA, 0, GPA + 0x1000, 2**64 - 4096]),
+    size=st.sampled_from([MEM, 4096, 0, 2**63]),
+    uaddr=st.sampled_from([UADDR, UADDR + 0x2000, 0]),
+    mmap_offset=st.sampled_from([0, 4096, 2**40]),
+)
+_NO_PAYLOAD = [
+    Request.GET_FEATURES,
+    Request.GET_PROTOCOL_FEATURES,
+    Request.GET_QUEUE_NUM,
+    Request.SET_OWNER,
+    Request.RESET_OWNER,
+    Request.GET_MAX_MEM_SLOTS,
+]
+_STATE = [
+    Request.SET_VRING_NUM,
+    Request.SET_VRING_BASE,
+    Request.GET_VRING_BASE,
+    Request.SET_VRING_ENABLE,
+]
+_FD = [Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR]
+_vring_addr = st.builds(VringAddr, _u32, st.integers(0, 1), _addr, _addr, _addr, st.just(0))
+_config = st.builds(
+    lambda o, n: Config(o, n, 0, bytes(n)), st.integers(0, 300), st.integers(0, 256)
+)
+_message = st.one_of(
+    st.tuples(st.sampled_from(_NO_PAYLOAD), st.just(None)),
+    st.tuples(
+        st.sampled_from([Request.SET_FEATURES, Request.SET_PROTOCOL_FEATURES]), _u64.map(U64)
+    ),
+    st.tuples(st.sampled_from(_STATE), st.builds(VringState, _u32, _u32)),
+    st.tuples(st.just(Request.SET_VRING_ADDR), _vring_addr),
+    st.tuples(st.sampled_from(_FD), _u64.map(U64)),
+    st.tuples(
+        st.just(Request.SET_MEM_TABLE), st.lists(_region, max_size=3).map(tuple).map(MemTable)
+    ),
+    st.tuples(
+        st.sampled_from([Request.ADD_MEM_REG, Request.REM_MEM_REG]), _region.map(MemRegionMsg)
+    ),
+    st.tuples(st.sampled_from([Request.GET_CONFIG, Request.SET_CONFIG]), _config),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    msgs=st.lists(st.tuples(_message, st.booleans(), st.integers(0, 2)), max_size=25),
+    running=st.booleans(),
+)
+def test_any_message_sequence_is_answered_or_refused(
+    msgs: list[tuple[tuple[Request, object], bool, int]], running: bool, device: BlockDevice
+) -> None:
+    ram = bytearray(MEM)
+    host = RecordingHost()
+    s = BackendSession(device, host, num_queues=2, max_queue_size=256, map_region=fake_map(ram))
+    sent: list[int] = []
+    if running:  # start from a live session: memory mapped, queue 0 running
+        negotiate(s)
+        set_mem(s)
+        setup_ring(s, 0, ram)
+        send(s, Request.SET_VRING_ENABLE, VringState(0, 1))
+        assert host.started == [0]
+    try:
+        for (req, payload), need_reply, nfds in msgs:
+            fds = tuple(os.eventfd(0) for _ in range(nfds))
+            sent += fds
+            r = send(s, req, payload, need_reply=need_reply, fds=fds)
+            if r is not None:
+                assert r.is_reply and r.request == req
+            assert len(host.started) - len(host.stopped) <= 2
+    finally:
+        s.close()
+    # Every fd handed over was either closed at once or released by close().
+    for fd in sent:
+        with pytest.raises(OSError):
+            os.fstat(fd)
