@@ -190,6 +190,9 @@ class BackendSession:
     def handle(self, msg: Message | Malformed) -> Message | None:
         """Apply one message; returns the reply to send, or None."""
         self._kept = set()
+        if log.isEnabledFor(logging.DEBUG):
+            detail = msg.reason if isinstance(msg, Malformed) else msg.payload
+            log.debug("<- %s %s fds=%d", _name(msg.request), detail, len(msg.fds))
         try:
             if isinstance(msg, Malformed):
                 log.warning("malformed %s: %s", _name(msg.request), msg.reason)
