@@ -72,6 +72,8 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vblk.worker import ENGINES
+
     parser = _Parser(prog="vblk", description="The virtio-blk I/O stack in Python.")
     parser.add_argument("--version", action="version", version=f"vblk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
     serve.add_argument(
         "--io-engine",
-        choices=["sync", "uring", "threads"],
+        choices=ENGINES,
         help="how one queue's requests overlap: sync runs them on the queue thread, uring "
         "submits reads and writes to io_uring, threads uses a pool "
         "(default uring with --direct where io_uring works, else sync)",
