@@ -133,3 +133,13 @@ def test_block_device_size_discard_and_zeroout(loop_device: str) -> None:
         img.flush()
     finally:
         img.close()
+
+
+def test_advance_drops_whole_and_partial_buffers() -> None:
+    from vblk.io.image import advance
+
+    a, b, c = (memoryview(bytearray(x * n)) for x, n in ((b"a", 4), (b"b", 3), (b"c", 5)))
+    assert [bytes(v) for v in advance([a, b, c], 0)] == [b"aaaa", b"bbb", b"ccccc"]
+    assert [bytes(v) for v in advance([a, b, c], 5)] == [b"bb", b"ccccc"]
+    assert [bytes(v) for v in advance([a, b, c], 7)] == [b"ccccc"]
+    assert advance([a, b, c], 12) == []

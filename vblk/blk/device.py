@@ -26,7 +26,7 @@ from vblk.blk.defs import (
     Status,
 )
 from vblk.blk.request import BlkRequest, RequestError, parse_request
-from vblk.io.image import Image
+from vblk.io.image import Image, advance
 from vblk.virtio import defs as vdefs
 from vblk.virtio.queue import Chain
 
@@ -209,7 +209,7 @@ class BlockDevice:
             if 0 <= result < data.nbytes:
                 # Short transfer (a signal, a resized file): finish it synchronously.
                 done = result
-                rest = _advance(data.bufs, done)
+                rest = advance(data.bufs, done)
                 if data.write:
                     self.image.writev(rest, data.offset + done)
                 else:
@@ -343,18 +343,6 @@ class BlockDevice:
             else:
                 self.image.discard(offset, length)
                 stats.discards += 1
-
-
-def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
-    """``bufs`` without their first ``n`` bytes."""
-    out: list[memoryview] = []
-    for b in bufs:
-        if n >= len(b):
-            n -= len(b)
-            continue
-        out.append(b[n:] if n else b)
-        n = 0
-    return out
 
 
 def _type_name(rtype: int) -> str:

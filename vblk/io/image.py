@@ -58,6 +58,18 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << (10 * " kmgtp".index(m.group(2).lower() or " "))
 
 
+def advance(bufs: Sequence[memoryview], n: int) -> list[memoryview]:
+    """``bufs`` without their first ``n`` bytes (what is left after a short transfer)."""
+    out: list[memoryview] = []
+    for b in bufs:
+        if n >= len(b):
+            n -= len(b)
+            continue
+        out.append(b[n:] if n else b)
+        n = 0
+    return out
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with its mode flags, which os.posix_fallocate lacks."""
     if _fallocate(fd, mode, offset, length) != 0:
@@ -150,15 +162,7 @@ class Image:
             if done == want:
                 pending = pending[_IOV_MAX:]
                 continue
-            # Short transfer: drop what completed and resume mid-buffer.
-            rest: list[memoryview] = []
-            for b in pending:
-                if done >= len(b):
-                    done -= len(b)
-                    continue
-                rest.append(b[done:] if done else b)
-                done = 0
-            pending = rest
+            pending = advance(pending, done)  # short transfer: resume mid-buffer
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
