@@ -113,9 +113,7 @@ def setup_ring(s: BackendSession, index: int, ram: bytearray) -> DriverQueue:
     view = memoryview(ram)
     drv = DriverQueue(
         QSIZE,
-        view[base + layout.desc : base + layout.desc + vdefs.desc_table_bytes(QSIZE)],
-        view[base + layout.avail : base + layout.avail + vdefs.avail_ring_bytes(QSIZE)],
-        view[base + layout.used : base + layout.used + vdefs.used_ring_bytes(QSIZE)],
+        *layout.views(view[base:]),
         event_idx=True,
     )
     send(s, Request.SET_VRING_NUM, VringState(index, QSIZE))

@@ -38,9 +38,7 @@ class Pair:
         self.lay = lay
         self.drv = DriverQueue(
             size,
-            view[lay.desc : lay.desc + vdefs.desc_table_bytes(size)],
-            view[lay.avail : lay.avail + vdefs.avail_ring_bytes(size)],
-            view[lay.used : lay.used + vdefs.used_ring_bytes(size)],
+            *lay.views(view),
             event_idx=event_idx,
         )
         t = self.mem.translate_uaddr
@@ -444,11 +442,7 @@ def test_cross_process_indexes_never_tear() -> None:
     lay = vdefs.ring_layout(size)
     mm = mmap.mmap(-1, 0x10000)
     view = memoryview(mm)
-    parts = (
-        view[lay.desc : lay.desc + vdefs.desc_table_bytes(size)],
-        view[lay.avail : lay.avail + vdefs.avail_ring_bytes(size)],
-        view[lay.used : lay.used + vdefs.used_ring_bytes(size)],
-    )
+    parts = (*lay.views(view),)
     drv = DriverQueue(size, *parts, event_idx=False)
     pid = os.fork()
     if pid == 0:  # the device

@@ -270,13 +270,7 @@ class RequestRing:
     ) -> None:
         layout = vdefs.ring_layout(size)
         self.size = size
-        self.ring = DriverQueue(
-            size,
-            ring[layout.desc : layout.desc + vdefs.desc_table_bytes(size)],
-            ring[layout.avail : layout.avail + vdefs.avail_ring_bytes(size)],
-            ring[layout.used : layout.used + vdefs.used_ring_bytes(size)],
-            event_idx=event_idx,
-        )
+        self.ring = DriverQueue(size, *layout.views(ring), event_idx=event_idx)
         self._slots = slots
         self._slots_gpa = slots_gpa
         self._free_slots = list(range(size - 1, -1, -1))

@@ -95,6 +95,15 @@ class RingLayout:
     used: int
     total: int
 
+    def views(self, area: memoryview) -> tuple[memoryview, memoryview, memoryview]:
+        """The (desc, avail, used) parts of a ring laid out at the start of ``area``."""
+        n = self.size
+        return (
+            area[self.desc : self.desc + desc_table_bytes(n)],
+            area[self.avail : self.avail + avail_ring_bytes(n)],
+            area[self.used : self.used + used_ring_bytes(n)],
+        )
+
 
 def ring_layout(size: int) -> RingLayout:
     """Compact layout for a ring of ``size`` entries."""
