@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import stop
 
 from vblk.bench import Histogram, bucket_of, bucket_value
 
@@ -65,12 +66,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     try:
         yield str(sock)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _check_result(r: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import stop
 
 from vblk import client
 from vblk.blk.defs import Feature, ReqType, Status
@@ -66,15 +67,6 @@ def start_qsd(
             pytest.fail(f"qemu-storage-daemon did not start: {out}")
         time.sleep(0.02)
     return proc, img, sock
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture
