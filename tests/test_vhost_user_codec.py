@@ -476,3 +476,29 @@ def test_framed_garbage_never_desynchronises(parts: list[tuple[int, bytes]], ste
         reader.feed(stream[i : i + step])
         got.extend(read_all(reader))
     assert [int(m.request) for m in got] == [req for req, _ in parts]
+
+
+def test_unpack_fds_from_a_real_scm_rights_message() -> None:
+    import array
+    import socket
+
+    from vblk.vhost_user.codec import ANCILLARY_SPACE, unpack_fds
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r, w = os.pipe()
+    try:
+        a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]))])
+        _, anc, _, _ = b.recvmsg(1, ANCILLARY_SPACE)
+        got = unpack_fds(anc)
+        assert len(got) == 2 and all(
+            os.path.sameopenfile(x, y) for x, y in zip(got, (r, w), strict=True)
+        )
+        for fd in got:
+            os.close(fd)
+        assert unpack_fds([]) == []
+        assert unpack_fds([(socket.SOL_SOCKET, 99, b"\0" * 8)]) == []  # not SCM_RIGHTS
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()

@@ -52,6 +52,7 @@ from vblk.blk.defs import (
 from vblk.errors import ProtocolError, VblkError
 from vblk.vhost_user import frontend
 from vblk.vhost_user.codec import (
+    ANCILLARY_SPACE,
     U64,
     Config,
     Empty,
@@ -65,9 +66,10 @@ from vblk.vhost_user.codec import (
     VringState,
     encode,
     request,
+    unpack_fds,
 )
 from vblk.vhost_user.defs import HEADER_SIZE as MSG_HEADER_SIZE
-from vblk.vhost_user.defs import MAX_FDS, ProtocolFeature, Request
+from vblk.vhost_user.defs import ProtocolFeature, Request
 from vblk.virtio import defs as vdefs
 from vblk.virtio.driver import DriverQueue, QueueFullError
 
@@ -503,17 +505,13 @@ class Device:
         while len(buf) < n:
             try:
                 data, anc, _, _ = self._sock.recvmsg(
-                    n - len(buf), socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+                    n - len(buf), ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
                 )
             except TimeoutError:
                 raise ClientTimeout(f"no reply to {what} within {self.timeout:g}s") from None
             except ConnectionResetError:
                 data, anc = b"", []
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    a = array.array("i")
-                    a.frombytes(cdata[: len(cdata) - len(cdata) % a.itemsize])
-                    fds.extend(a)
+            fds += unpack_fds(anc)
             if not data:
                 for fd in fds:
                     os.close(fd)

@@ -10,7 +10,6 @@ on one queue never stalls another.
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import select
@@ -21,8 +20,8 @@ import time
 from vblk.blk.device import BlockDevice
 from vblk.errors import ProtocolError, VblkError
 from vblk.vhost_user.backend import BackendSession, Vring
-from vblk.vhost_user.codec import MessageReader, encode
-from vblk.vhost_user.defs import HEADER_SIZE, MAX_FDS, MAX_PAYLOAD
+from vblk.vhost_user.codec import ANCILLARY_SPACE, MessageReader, encode, unpack_fds
+from vblk.vhost_user.defs import HEADER_SIZE, MAX_PAYLOAD
 from vblk.worker import QueueWorker
 
 log = logging.getLogger(__name__)
@@ -228,15 +227,9 @@ class Server:
                 if header and not ready():
                     raise _Shutdown
                 data, ancdata, _, _ = conn.recvmsg(
-                    HEADER_SIZE - len(header),
-                    socket.CMSG_SPACE(MAX_FDS * 4),
-                    socket.MSG_CMSG_CLOEXEC,
+                    HEADER_SIZE - len(header), ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
                 )
-                for level, kind, cdata in ancdata:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        arr = array.array("i")
-                        arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
-                        fds.extend(arr)
+                fds += unpack_fds(ancdata)
                 if not data:
                     if header:
                         raise ProtocolError("frontend hung up in the middle of a message header")

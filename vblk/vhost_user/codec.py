@@ -9,8 +9,10 @@ way to find the next message raises :class:`~vblk.errors.ProtocolError`.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
+import socket
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -484,3 +486,21 @@ def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+#: recvmsg ancillary buffer size that holds the most fds one message may carry.
+ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+def unpack_fds(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an SCM_RIGHTS control message carried (recvmsg's ancdata), in order.
+
+    Pure: both I/O shells (server and client) hand what recvmsg returned here.
+    """
+    fds: list[int] = []
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
+            fds.extend(arr)
+    return fds
