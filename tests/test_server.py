@@ -425,3 +425,34 @@ def test_shutdown_leaves_a_socket_that_is_no_longer_ours(tmp_path: Path) -> None
         assert sock.exists() and "no longer our socket" in log
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("engine", ["sync", "uring", "threads"])
+def test_zero_length_data_descriptor_is_served_by_every_engine(tmp_path: Path, engine: str) -> None:
+    """A zero-length buffer inside a read once stopped the io_uring engine's queue (fuzz find)."""
+    from vblk.io import uring
+
+    if engine == "uring" and not uring.available():
+        pytest.skip("io_uring not allowed here")
+    proc = _serve(tmp_path, "--io-engine", engine)
+    try:
+        with vblk.client.connect(str(tmp_path / "a.sock"), timeout=10, mem_size=1 << 20) as dev:
+            dev.write(0, b"\x42" * 512)
+            q = dev.queues[0]
+            buf = dev.alloc(4096)
+            struct.pack_into("<IIQ", buf.view, 0, ReqType.IN, 0, 0)
+            buf.view[4095] = 0xEE
+            head = q.ring.add(
+                [(buf.gpa, 16)], [(buf.gpa + 512, 0), (buf.gpa + 1024, 512), (buf.gpa + 4095, 1)]
+            )
+            q.kick()
+            deadline = time.monotonic() + 10
+            while (used := q.ring.pop_used()) is None:
+                assert time.monotonic() < deadline, "no completion"
+                time.sleep(0.01)
+            assert used == (head, 513) and buf.view[4095] == Status.OK
+            assert bytes(buf.view[1024:1536]) == b"\x42" * 512
+            assert dev.read(0, 512) == b"\x42" * 512  # the queue still works
+    finally:
+        log = _stop(proc, tmp_path)
+    assert "worker failed" not in log, log

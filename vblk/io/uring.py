@@ -49,8 +49,11 @@ def _check(ret: int, what: str) -> int:
 
 
 def address_of(view: memoryview) -> int:
-    """The address of a writable memoryview's first byte (guest memory is mapped read/write)."""
-    return int(ctypes.addressof(ctypes.c_char.from_buffer(view)))
+    """The address of a writable memoryview's first byte (guest memory is mapped read/write).
+
+    Empty views have one too: a guest may hand us a zero-length descriptor.
+    """
+    return int(ctypes.addressof((ctypes.c_char * len(view)).from_buffer(view)))
 
 
 class Uring:
