@@ -198,6 +198,33 @@ def test_switch_to_writethrough_flushes_after_the_switch(dev: BlockDevice) -> No
     assert seen == [0]
 
 
+@pytest.mark.parametrize(
+    ("rtype", "writeback", "flushes"),
+    [
+        (ReqType.OUT, 1, 0),
+        (ReqType.OUT, 0, 1),
+        (ReqType.WRITE_ZEROES, 1, 0),
+        (ReqType.WRITE_ZEROES, 0, 1),  # zeroes are data: durable in writethrough mode too
+        (ReqType.DISCARD, 0, 0),  # discarded data has no value to keep
+    ],
+)
+def test_writethrough_makes_writes_durable_before_completion(
+    dev: BlockDevice, rtype: ReqType, writeback: int, flushes: int
+) -> None:
+    calls: list[int] = []
+    real_flush = dev.image.flush
+    dev.config.writeback = writeback
+
+    def flush() -> None:
+        calls.append(1)
+        real_flush()
+
+    dev.image.flush = flush  # type: ignore[method-assign]
+    out = b"w" * 512 if rtype == ReqType.OUT else struct.pack("<QII", 8, 8, 0)
+    assert request(dev, rtype, 0, out)[0] == Status.OK
+    assert len(calls) == flushes
+
+
 def test_chain_without_status_byte_returns_none(dev: BlockDevice) -> None:
     assert dev.handle(Chain(0, [mv(16)], []), Stats()) is None
 

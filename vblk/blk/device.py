@@ -347,6 +347,8 @@ class BlockDevice:
             else:
                 self.image.discard(offset, length)
                 stats.discards += 1
+        if zero and segments and not self.config.writeback:
+            self.image.flush()  # writethrough: zeroes are data, durable before completion
 
 
 def _type_name(rtype: int) -> str:
