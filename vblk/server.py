@@ -37,14 +37,15 @@ class ServeError(VblkError):
 class _ConnectionQueues:
     """The QueueHost of one connection: a worker per running ring."""
 
-    def __init__(self, device: BlockDevice, engine: str, io_threads: int) -> None:
+    def __init__(self, device: BlockDevice, engine: str, io_threads: int, poll_us: int) -> None:
         self.device = device
         self.engine = engine
         self.io_threads = io_threads
+        self.poll_us = poll_us
         self.workers: dict[int, QueueWorker] = {}
 
     def start_queue(self, vring: Vring) -> None:
-        worker = QueueWorker(vring, self.device, self.engine, self.io_threads)
+        worker = QueueWorker(vring, self.device, self.engine, self.io_threads, self.poll_us)
         self.workers[vring.index] = worker
         worker.start()
 
@@ -65,10 +66,12 @@ class Server:
         num_queues: int,
         engine: str = "sync",
         io_threads: int = 4,
+        poll_us: int = 0,
     ) -> None:
         self.device = device
         self.engine = engine
         self.io_threads = io_threads
+        self.poll_us = poll_us
         self.socket_path = socket_path
         self.num_queues = num_queues
         self._shutdown = False
@@ -174,7 +177,7 @@ class Server:
         return False
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        queues = _ConnectionQueues(self.device, self.engine, self.io_threads)
+        queues = _ConnectionQueues(self.device, self.engine, self.io_threads, self.poll_us)
         session = BackendSession(
             self.device, queues, num_queues=self.num_queues, max_queue_size=self.device.queue_size
         )

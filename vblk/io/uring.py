@@ -149,6 +149,11 @@ class Uring:
         u32[self._cq_head] = head
         return out
 
+    def cq_ready(self) -> bool:
+        """Whether completions wait in the CQ ring (two loads, no syscall)."""
+        u32 = self._u32
+        return bool(u32[self._cq_head] != u32[self._cq_tail])
+
     def drain_eventfd(self) -> None:
         try:
             os.eventfd_read(self.eventfd)
