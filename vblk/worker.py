@@ -61,6 +61,7 @@ class QueueWorker:
             engine,
             queue_size=self.queue.size,
             io_threads=io_threads,
+            direct=device.image.direct,
             label=f"vblk-queue{vring.index}-io",
         )
         self._stopping = False
@@ -117,8 +118,9 @@ class QueueWorker:
         poller.register(kick, select.POLLIN)
         poller.register(self._wake, select.POLLIN)
         engine = self.engine
-        if engine.fd is not None:
-            poller.register(engine.fd, select.POLLIN)
+        engine_fd = engine.fd
+        if engine_fd is not None:
+            poller.register(engine_fd, select.POLLIN)
         now = time.monotonic_ns
         try:
             # Requests may already be waiting (a ring resumed after a restart).
@@ -135,6 +137,8 @@ class QueueWorker:
                             log.warning("queue %d: kick fd closed", self.vring.index)
                             return
                         self.kicks += os.eventfd_read(kick)
+                    elif fd == engine_fd:
+                        engine.clear_signal()
                 if self.poll_max_ns:
                     self._adapt(now() - t0)
                 if engine.inflight:
@@ -177,6 +181,7 @@ class QueueWorker:
         deadline = time.monotonic() + STOP_TIMEOUT
         while self.engine.inflight and time.monotonic() < deadline:
             poller.poll(100)
+            self.engine.clear_signal()
             self._complete()
         if self.engine.inflight:
             log.error(

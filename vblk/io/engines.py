@@ -41,6 +41,7 @@ __all__ = [
 ENGINES = ("io_uring", "threads", "sync")
 
 Completion = tuple[object, int]
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 8)
 
 
 class Engine(Protocol):
@@ -61,10 +62,21 @@ class Engine(Protocol):
         """Cheap check, for polling: are completions waiting?"""
         ...
 
+    def clear_signal(self) -> None:
+        """Consume the wake-up on :attr:`fd` (before reaping, so none is lost)."""
+        ...
+
     @property
     def inflight(self) -> int: ...
 
     def close(self) -> None: ...
+
+
+def _clear(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
 
 
 def _transfer(fd: int, write: bool, bufs: Sequence[memoryview], offset: int) -> int:
@@ -97,6 +109,9 @@ class SyncEngine:
 
     def ready(self) -> bool:
         return bool(self._done)
+
+    def clear_signal(self) -> None:
+        pass
 
     @property
     def inflight(self) -> int:
@@ -132,12 +147,11 @@ class ThreadEngine:
     def commit(self) -> None:
         pass
 
+    def clear_signal(self) -> None:
+        if self.fd is not None:
+            _clear(self.fd)
+
     def reap(self) -> list[Completion]:
-        assert self.fd is not None
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
         out: list[Completion] = []
         done = self._done
         while done:
@@ -160,18 +174,43 @@ class ThreadEngine:
 
 
 class UringEngine:
-    """io_uring: requests queue up as SQEs and go to the kernel in one syscall per batch."""
+    """io_uring: requests queue up as SQEs and go to the kernel in one syscall per batch.
 
-    def __init__(self, entries: int) -> None:
+    On a page-cached image (``direct=False``) two shortcuts keep the cost of
+    a request at that of a plain syscall: a read first tries ``preadv`` with
+    RWF_NOWAIT, which succeeds at once when the page cache has the data and
+    only otherwise goes to the ring; a write runs inline, because filesystems
+    such as ext4 cannot write buffered data without blocking, so io_uring
+    would hand every write to a kernel worker thread (three times the CPU,
+    measured). With O_DIRECT everything goes through the ring.
+    """
+
+    def __init__(self, entries: int, *, direct: bool = True) -> None:
         self._ring = _uring.Uring(max(8, entries))
         self.fd: int | None = self._ring.eventfd
+        self._inline = not direct
         self._tokens: dict[int, object] = {}
-        self._parked: list[Completion] = []  # reaped while waiting for SQ space
+        self._done: list[Completion] = []  # finished inline, or while waiting for SQ space
         self._next = 0
 
     def submit(
         self, fd: int, write: bool, bufs: Sequence[memoryview], offset: int, token: object
     ) -> None:
+        if self._inline:
+            if write:
+                self._done.append((token, _transfer(fd, True, bufs, offset)))
+                return
+            try:
+                n = os.preadv(fd, bufs, offset, _RWF_NOWAIT)
+            except BlockingIOError:
+                n = -1
+            except OSError as e:
+                self._done.append((token, -(e.errno or errno.EIO)))
+                return
+            if n >= 0 and n == sum(len(b) for b in bufs):
+                self._done.append((token, n))
+                return
+            # Not (all) cached: the whole read goes to the ring.
         ring = self._ring
         if ring.space == 0:  # only if more is in flight than the ring holds; stay correct anyway
             self._wait_for_space()
@@ -184,7 +223,8 @@ class UringEngine:
         while ring.space == 0:
             ring.submit()
             select.select([ring.eventfd], [], [], 1.0)
-            self._parked.extend(self._reap_ring())
+            _clear(ring.eventfd)
+            self._done.extend(self._reap_ring())
 
     def commit(self) -> None:
         self._ring.submit()
@@ -199,19 +239,21 @@ class UringEngine:
         return out
 
     def reap(self) -> list[Completion]:
-        self._ring.drain_eventfd()
-        out = self._reap_ring()
-        if self._parked:
-            out = self._parked + out
-            self._parked = []
+        out = self._reap_ring() if self._tokens else []
+        if self._done:
+            out = self._done + out
+            self._done = []
         return out
 
     def ready(self) -> bool:
-        return bool(self._parked) or self._ring.cq_ready()
+        return bool(self._done) or self._ring.cq_ready()
+
+    def clear_signal(self) -> None:
+        _clear(self._ring.eventfd)
 
     @property
     def inflight(self) -> int:
-        return len(self._tokens) + len(self._parked)
+        return len(self._tokens) + len(self._done)
 
     def close(self) -> None:
         self._ring.close()
@@ -223,10 +265,12 @@ def default_engine() -> str:
     return "io_uring" if _uring.available() else "threads"
 
 
-def make_engine(name: str, *, queue_size: int, io_threads: int, label: str = "vblk-io") -> Engine:
-    """A fresh engine for one queue; ValueError for an unknown name."""
+def make_engine(
+    name: str, *, queue_size: int, io_threads: int, direct: bool = True, label: str = "vblk-io"
+) -> Engine:
+    """A fresh engine for one queue; ``direct``: the image is opened with O_DIRECT."""
     if name == "io_uring":
-        return UringEngine(queue_size)
+        return UringEngine(queue_size, direct=direct)
     if name == "threads":
         return ThreadEngine(io_threads, label)
     if name == "sync":
