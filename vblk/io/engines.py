@@ -22,7 +22,7 @@ import select
 import threading
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from queue import SimpleQueue
 from typing import Protocol
 
 from vblk.io import uring as _uring
@@ -122,27 +122,38 @@ class SyncEngine:
 
 
 class ThreadEngine:
-    """A pool of threads doing preadv/pwritev; completions come back through an eventfd."""
+    """A pool of threads doing preadv/pwritev; completions come back through an eventfd.
+
+    The pool is a bare :class:`queue.SimpleQueue` and daemon threads rather
+    than an executor: no future per request, about a third of the cost.
+    """
 
     def __init__(self, threads: int, name: str = "vblk-io") -> None:
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        self._work: SimpleQueue[tuple[int, bool, Sequence[memoryview], int, object] | None] = (
+            SimpleQueue()
+        )
         self._done: deque[Completion] = deque()
-        self._lock = threading.Lock()
         self._inflight = 0
         self.fd: int | None = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._threads = [
+            threading.Thread(target=self._serve, args=(self.fd,), name=f"{name}-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
 
-    def _run(
-        self, fd: int, write: bool, bufs: Sequence[memoryview], offset: int, token: object
-    ) -> None:
-        self._done.append((token, _transfer(fd, write, bufs, offset)))  # deque.append is atomic
-        assert self.fd is not None
-        os.eventfd_write(self.fd, 1)
+    def _serve(self, efd: int) -> None:
+        get, done = self._work.get, self._done
+        while (item := get()) is not None:
+            fd, write, bufs, offset, token = item
+            done.append((token, _transfer(fd, write, bufs, offset)))  # deque.append is atomic
+            os.eventfd_write(efd, 1)
 
     def submit(
         self, fd: int, write: bool, bufs: Sequence[memoryview], offset: int, token: object
     ) -> None:
         self._inflight += 1
-        self._pool.submit(self._run, fd, write, bufs, offset, token)
+        self._work.put((fd, write, bufs, offset, token))
 
     def commit(self) -> None:
         pass
@@ -167,7 +178,11 @@ class ThreadEngine:
         return self._inflight
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Let queued requests finish, then stop the threads."""
+        for _ in self._threads:
+            self._work.put(None)
+        for t in self._threads:
+            t.join()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
