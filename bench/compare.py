@@ -449,8 +449,13 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
             ax.bar_label(bars, fmt=fmt, fontsize=6, padding=1)
         ax.margins(y=0.12)
         ax.set_xticks(range(len(groups)))
+        # "4k randread QD32" -> "4k randread\nQD32, 2 queues": narrow enough for 8 groups.
         ax.set_xticklabels(
-            [f"{JOBS[j].title}\n{q} queue{'s' * (q != 1)}" for j, q in groups], fontsize=8
+            [
+                "{}\n{}, {} queue{}".format(*JOBS[j].title.rsplit(" ", 1), q, "s" * (q != 1))
+                for j, q in groups
+            ],
+            fontsize=8 if len(groups) <= 4 else 7,
         )
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -769,9 +774,44 @@ def notes(s: Settings, samples: Sequence[Sample]) -> list[str]:
         "with the emulated vCPUs, so it has no separate figure.",
         "vblk bench runs on the same host CPUs as the backend it drives.",
     ]
+    if (spread := spread_note(samples)) is not None:
+        out.append(spread)
     if s.quick:
         out.append("--quick: a smoke run (short jobs, one round); the figures are not meaningful.")
     return out
+
+
+def spread_note(samples: Sequence[Sample]) -> str | None:
+    """How far rounds disagreed: the yardstick for which ratios mean anything."""
+    groups: dict[tuple[str, str, int, str], list[float]] = {}
+    for x in samples:
+        groups.setdefault((x.side, x.job, x.queues, x.backend), []).append(x.iops)
+    spreads = {
+        k: (max(v) - min(v)) / statistics.median(v)
+        for k, v in groups.items()
+        if len(v) > 1 and statistics.median(v) > 0
+    }
+    if not spreads:
+        return None
+    side, job, queues, backend = max(spreads, key=lambda k: spreads[k])
+    title = JOBS[job].title if job in JOBS else job
+    return (
+        f"Rounds disagreed: IOPS (max - min) / median was {statistics.median(spreads.values()):.0%}"
+        f" for the typical figure, up to {max(spreads.values()):.0%} ({LABELS[backend]}, {side}"
+        f" {title}, {queues} queue{'s' * (queues != 1)}). A ratio inside that band is noise."
+    )
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """A results.json written earlier, its notes recomputed (for --render)."""
+    try:
+        results: dict[str, Any] = json.loads(path.read_text())
+        settings = Settings(**results["settings"])
+        samples = [Sample(**x) for x in results["samples"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CompareError(f"{path} is not a results.json from bench/compare.py: {e}") from None
+    results["notes"] = notes(settings, samples)
+    return results
 
 
 def write_results(results: dict[str, Any], out: Path) -> None:
@@ -785,7 +825,15 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, Path | None]:
+@dataclass
+class Options:
+    settings: Settings
+    out: Path
+    workdir: Path | None
+    render: Path | None
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -823,6 +871,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, Path | None]
     ap.add_argument(
         "--quick", action="store_true", help="CI smoke run: 1 round, 2 s jobs, 64 MiB region"
     )
+    ap.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: redraw results.md/.png (and notes) in --out from a results.json",
+    )
     a = ap.parse_args(argv)
     s = Settings(quick=a.quick, device=not a.no_device, vblk_args=shlex.split(a.vblk_args))
     s.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
@@ -844,11 +898,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, Path | None]
     if not MiB * max(s.queues) <= s.span <= s.image_size:
         ap.error(f"--span must be between {max(s.queues)} and {s.image_size // MiB} MiB")
     s.smp = max(2, *s.queues)
-    return s, a.out, a.workdir
+    return Options(s, a.out, a.workdir, a.render)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    s, out, workdir = parse_args(argv)
+    opts = parse_args(argv)
+    s, out, workdir = opts.settings, opts.out, opts.workdir
+    if opts.render is not None:
+        try:
+            earlier = load_results(opts.render)
+            write_results(earlier, out)
+        except CompareError as e:
+            print(f"compare: error: {e}", file=sys.stderr)
+            return 1
+        print(render_markdown(earlier))
+        return 0
     need = ["qemu-system-x86_64"] + (["qemu-storage-daemon"] if "qsd" in s.backends else [])
     if missing := [t for t in need if shutil.which(t) is None]:
         print(

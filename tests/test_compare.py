@@ -285,6 +285,34 @@ def test_markdown_without_qsd_has_no_ratio_column() -> None:
     assert "| job | queues | vblk serve | QEMU virtio-blk |" in md
 
 
+def test_notes_give_the_round_to_round_spread() -> None:
+    s = compare.Settings()
+    note = next(n for n in compare.notes(s, _full_samples()) if n.startswith("Rounds disagreed"))
+    # Every figure's rounds are n+1, n+2, n+3: the smallest n (qsd, 1 queue, 1001) is widest.
+    assert "up to 0% (qemu-storage-daemon, guest 4k randread QD32, 1 queue)" in note
+    wide = [*_full_samples(), _sample("device", "qsd", "randwrite", 2, 4, 30000)]
+    assert "up to 200% (qemu-storage-daemon, device 4k randwrite QD32, 2 queues)" in next(
+        n for n in compare.notes(s, wide) if n.startswith("Rounds")
+    )
+    one_round = [x for x in _full_samples() if x.round == 1]
+    assert not any(n.startswith("Rounds") for n in compare.notes(s, one_round))
+
+
+def test_render_redraws_the_reports_from_results_json(tmp_path: Path) -> None:
+    src = tmp_path / "src" / "results.json"
+    src.parent.mkdir()
+    results = _results(_full_samples())
+    results["notes"] = ["stale"]
+    src.write_text(json.dumps(results))
+    assert compare.main(["--render", str(src), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| 4k randread QD32 | 2 | 4,002 | 2,002 | 3,002 | 2.00 |" in md
+    assert "stale" not in md and "Rounds disagreed" in md
+    assert (tmp_path / "out" / "results.png").read_bytes().startswith(PNG_SIGNATURE)
+    (tmp_path / "bad.json").write_text('{"settings": {}}')
+    assert compare.main(["--render", str(tmp_path / "bad.json"), "--out", str(tmp_path)]) == 1
+
+
 def test_chart_is_a_png(tmp_path: Path) -> None:
     path = tmp_path / "c.png"
     compare.render_chart(_results(_full_samples()), path)
@@ -330,10 +358,11 @@ def test_plan_rotates_backends_each_round() -> None:
 
 
 def test_args_quick_defaults_and_errors() -> None:
-    s, out, _ = compare.parse_args(["--quick", "--out", "/x"])
-    assert (s.rounds, s.runtime, s.span, s.quick, out) == (1, 2, 64 << 20, True, Path("/x"))
-    assert s.backends == ["vblk", "qsd", "qemu"] and s.queues == [1, 2]
-    s, _, _ = compare.parse_args(["--quick", "--runtime", "5", "--vblk-args", ""])
+    o = compare.parse_args(["--quick", "--out", "/x"])
+    s = o.settings
+    assert (s.rounds, s.runtime, s.span, s.quick, o.out) == (1, 2, 64 << 20, True, Path("/x"))
+    assert s.backends == ["vblk", "qsd", "qemu"] and s.queues == [1, 2] and o.render is None
+    s = compare.parse_args(["--quick", "--runtime", "5", "--vblk-args", ""]).settings
     assert s.runtime == 5 and s.vblk_args == []
     for bad in (["--backends", "spdk"], ["--jobs", "randtrim"], ["--queues", "x"],
                 ["--rounds", "0"], ["--span", "4096"]):  # fmt: skip
