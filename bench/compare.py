@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Side by side: vblk serve, qemu-storage-daemon and QEMU's built-in virtio-blk, in one run.
 
-One image serves all three, one backend at a time:
+One image serves them all, one backend at a time:
 
 * ``vblk``: ``python3 -m vblk serve IMG --num-queues N`` (plus ``--vblk-args``, default
-  ``--direct``, so that all three do O_DIRECT I/O);
+  ``--direct``, so that it does O_DIRECT I/O like the other two);
+* ``vblk-cache``: the same without ``--direct``: vblk serve as it runs by default, on
+  the page cache (FLUSH is still fdatasync);
 * ``qsd``: ``qemu-storage-daemon`` exporting vhost-user-blk (``aio=io_uring``,
   ``cache.direct=on``);
 * ``qemu``: QEMU's own ``virtio-blk-pci`` on ``-drive aio=io_uring,cache=none``.
@@ -53,13 +55,20 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import guest as guest_tool  # noqa: E402
 
-BACKENDS = ("vblk", "qsd", "qemu")
-LABELS = {"vblk": "vblk serve", "qsd": "qemu-storage-daemon", "qemu": "QEMU virtio-blk"}
+BACKENDS = ("vblk", "vblk-cache", "qsd", "qemu")
+LABELS = {
+    "vblk": "vblk serve --direct",
+    "vblk-cache": "vblk serve (page cache)",
+    "qsd": "qemu-storage-daemon",
+    "qemu": "QEMU virtio-blk",
+}
+#: The vblk variants, each compared with qsd.
+VBLK_BACKENDS = ("vblk", "vblk-cache")
 #: Backends that run as their own process, so their CPU time can be read; QEMU's
 #: built-in device shares its process with the emulated vCPUs.
-CPU_BACKENDS = ("vblk", "qsd")
+CPU_BACKENDS = ("vblk", "vblk-cache", "qsd")
 #: Backends ``vblk bench`` can drive (vhost-user sockets).
-DEVICE_BACKENDS = ("vblk", "qsd")
+DEVICE_BACKENDS = ("vblk", "vblk-cache", "qsd")
 
 MiB = 1 << 20
 
@@ -320,14 +329,14 @@ def summarize(samples: Sequence[Sample]) -> list[dict[str, Any]]:
 
 
 def ratios(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """vblk / qsd for each figure of each (side, job, queues) that has both."""
+    """vblk / qsd for each figure of each (side, job, queues) that has both, per vblk variant."""
     by = {(r["side"], r["job"], r["queues"], r["backend"]): r for r in summary}
     out = []
     for (side, job, queues, backend), v in by.items():
         q = by.get((side, job, queues, "qsd"))
-        if backend != "vblk" or q is None:
+        if backend not in VBLK_BACKENDS or q is None:
             continue
-        row: dict[str, Any] = {"side": side, "job": job, "queues": queues}
+        row: dict[str, Any] = {"side": side, "job": job, "queues": queues, "backend": backend}
         row.update({f: ratio(v[f], q[f]) for f in FIGURES})
         out.append(row)
     return out
@@ -346,23 +355,27 @@ def _fmt(value: float | None, figure: str) -> str:
 def metric_table(
     results: dict[str, Any], side: str, figure: str, backends: Sequence[str]
 ) -> list[str]:
-    """A Markdown table: rows job x queues, a column per backend, then vblk / qsd."""
+    """A Markdown table: rows job x queues, a column per backend, then each vblk / qsd."""
     mine = [r for r in results["summary"] if r["side"] == side]
     rows = {(r["job"], r["queues"], r["backend"]): r for r in mine}
-    rat = {(r["job"], r["queues"]): r for r in results["ratios"] if r["side"] == side}
+    rat = {
+        (r["job"], r["queues"], r.get("backend", "vblk")): r
+        for r in results["ratios"]
+        if r["side"] == side
+    }
     keys = list(dict.fromkeys((r["job"], r["queues"]) for r in mine))
-    with_ratio = "vblk" in backends and "qsd" in backends
-    head = ["job", "queues", *(LABELS[b] for b in backends)] + (
-        ["vblk / qsd"] if with_ratio else []
-    )
+    ratio_of = [b for b in VBLK_BACKENDS if b in backends] if "qsd" in backends else []
+    head = ["job", "queues", *(LABELS[b] for b in backends)] + [
+        f"{'vblk' if b == 'vblk' else 'vblk (cache)'} / qsd" for b in ratio_of
+    ]
     lines = ["| " + " | ".join(head) + " |", "| --- | ---: |" + " ---: |" * (len(head) - 2)]
     for job, queues in keys:
         cells = [JOBS[job].title if job in JOBS else job, str(queues)]
         for b in backends:
             r = rows.get((job, queues, b))
             cells.append(_fmt(None if r is None else r[figure], figure))
-        if with_ratio:
-            ra = rat.get((job, queues))
+        for b in ratio_of:
+            ra = rat.get((job, queues, b))
             cells.append(_fmt(None if ra is None else ra[figure], "ratio"))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -438,7 +451,7 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     if not todo:
         raise CompareError("nothing to plot")
     fig, axes = plt.subplots(len(todo), 1, figsize=(9, 3.2 * len(todo)), squeeze=False)
-    colors = {"vblk": "#2a7ab9", "qsd": "#e08a2c", "qemu": "#7a7a7a"}
+    colors = {"vblk": "#2a7ab9", "vblk-cache": "#7fb8e0", "qsd": "#e08a2c", "qemu": "#7a7a7a"}
     for ax, (side, figure, groups, bs, title) in zip(axes[:, 0], todo, strict=True):
         width = min(0.8 / len(bs), 0.3)
         for i, b in enumerate(bs):
@@ -507,9 +520,10 @@ def machine_info() -> dict[str, Any]:
 
 
 def backend_command(kind: str, image: Path, sock: Path, queues: int, s: Settings) -> list[str]:
-    if kind == "vblk":
+    if kind in VBLK_BACKENDS:
+        args = s.vblk_args if kind == "vblk" else [a for a in s.vblk_args if a != "--direct"]
         return [sys.executable, "-m", "vblk", "serve", str(image), "--socket", str(sock),
-                "--num-queues", str(queues), *s.vblk_args]  # fmt: skip
+                "--num-queues", str(queues), *args]  # fmt: skip
     if kind == "qsd":
         return [
             "qemu-storage-daemon",
@@ -849,8 +863,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     ap.add_argument(
         "--vblk-args",
         default="--direct",
-        help="extra vblk serve arguments (default --direct, like the others' "
-        "O_DIRECT; '' for buffered)",
+        help="extra vblk serve arguments for the vblk backend (default --direct, like the "
+        "others' O_DIRECT); vblk-cache gets the same minus --direct",
     )
     ap.add_argument(
         "--span", type=int, default=None, help="MiB fio touches, pre-filled (default 256)"

@@ -240,10 +240,11 @@ def _full_samples() -> list[compare.Sample]:
     for rnd in (1, 2, 3):
         for q in (1, 2):
             for job in compare.JOBS:
-                for b, base in (("vblk", 2000), ("qsd", 1000), ("qemu", 1500)):
+                for b, base in (("vblk", 2000), ("vblk-cache", 2500), ("qsd", 1000),
+                                ("qemu", 1500)):  # fmt: skip
                     out.append(_sample("guest", b, job, q, rnd, base * q + rnd))
             for job in compare.DEVICE_JOBS:
-                for b, base in (("vblk", 9000), ("qsd", 10000)):
+                for b, base in (("vblk", 9000), ("vblk-cache", 12000), ("qsd", 10000)):
                     out.append(_sample("device", b, job, q, rnd, base + rnd))
     return out
 
@@ -258,22 +259,27 @@ def test_summarize_takes_medians_and_ratios_divide_vblk_by_qsd() -> None:
     qemu = next(r for r in summary if r["backend"] == "qemu")
     assert qemu["cpu_us_per_io"] is None
     rat = compare.ratios(summary)
-    assert len(rat) == 2 * 4 + 2 * 2  # guest jobs x queues, device jobs x queues
-    r = next(x for x in rat if (x["side"], x["job"], x["queues"]) == ("guest", "randread", 2))
+    assert len(rat) == 2 * (2 * 4 + 2 * 2)  # per vblk variant: guest and device jobs x queues
+    key = ("guest", "randread", 2, "vblk")
+    r = next(x for x in rat if (x["side"], x["job"], x["queues"], x["backend"]) == key)
     assert r["iops"] == pytest.approx(4002 / 2002)
     assert r["cpu_us_per_io"] == 1.0
+    key = ("device", "randread", 1, "vblk-cache")
+    r = next(x for x in rat if (x["side"], x["job"], x["queues"], x["backend"]) == key)
+    assert r["iops"] == pytest.approx(12002 / 10002)
 
 
 def test_markdown_has_every_row_and_column() -> None:
     md = compare.render_markdown(_results(_full_samples()))
     assert (
-        "| job | queues | vblk serve | qemu-storage-daemon | QEMU virtio-blk | vblk / qsd |" in md
+        "| job | queues | vblk serve --direct | vblk serve (page cache) | qemu-storage-daemon "
+        "| QEMU virtio-blk | vblk / qsd | vblk (cache) / qsd |" in md
     )
-    assert "| 4k randread QD32 | 2 | 4,002 | 2,002 | 3,002 | 2.00 |" in md
+    assert "| 4k randread QD32 | 2 | 4,002 | 5,002 | 2,002 | 3,002 | 2.00 | 2.50 |" in md
     assert "| 1M seq write QD8 | 1 |" in md
     assert "**Backend CPU µs per I/O, guest fio**" in md
     assert "**`vblk bench` (no VM) IOPS**" in md
-    assert "| 4k randwrite QD32 | 1 | 9,002 | 10,002 | 0.90 |" in md
+    assert "| 4k randwrite QD32 | 1 | 9,002 | 12,002 | 10,002 | 0.90 | 1.20 |" in md
     assert "2025-01-02 03:04 UTC on Test CPU (2 CPUs)" in md
     assert "10 ms ticks" in md or f"{1000 // compare.CLK_TCK} ms ticks" in md
 
@@ -282,7 +288,7 @@ def test_markdown_without_qsd_has_no_ratio_column() -> None:
     samples = [x for x in _full_samples() if x.backend != "qsd"]
     md = compare.render_markdown(_results(samples, backends=["vblk", "qemu"]))
     assert "vblk / qsd" not in md
-    assert "| job | queues | vblk serve | QEMU virtio-blk |" in md
+    assert "| job | queues | vblk serve --direct | QEMU virtio-blk |" in md
 
 
 def test_notes_give_the_round_to_round_spread() -> None:
@@ -306,7 +312,7 @@ def test_render_redraws_the_reports_from_results_json(tmp_path: Path) -> None:
     src.write_text(json.dumps(results))
     assert compare.main(["--render", str(src), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| 4k randread QD32 | 2 | 4,002 | 2,002 | 3,002 | 2.00 |" in md
+    assert "| 4k randread QD32 | 2 | 4,002 | 5,002 | 2,002 | 3,002 | 2.00 | 2.50 |" in md
     assert "stale" not in md and "Rounds disagreed" in md
     assert (tmp_path / "out" / "results.png").read_bytes().startswith(PNG_SIGNATURE)
     (tmp_path / "bad.json").write_text('{"settings": {}}')
@@ -340,6 +346,8 @@ def test_backend_commands_are_the_documented_ones(tmp_path: Path) -> None:
     v = compare.backend_command("vblk", img, sock, 2, s)
     assert v[1:] == ["-m", "vblk", "serve", str(img), "--socket", str(sock),
                      "--num-queues", "2", "--direct"]  # fmt: skip
+    c = compare.backend_command("vblk-cache", img, sock, 2, s)
+    assert c == v[:-1]  # the same serve, on the page cache
     q = " ".join(compare.backend_command("qsd", img, sock, 1, s))
     assert "cache.direct=on,aio=io_uring" in q and "num-queues=1" in q
     with pytest.raises(ValueError):
@@ -351,17 +359,18 @@ def test_plan_rotates_backends_each_round() -> None:
     steps = compare.Runner(s, Path("/nonexistent"), Path("/nonexistent")).plan()
     guest = [(r, b, q) for r, side, b, q in steps if side == "guest"]
     device = [(r, b, q) for r, side, b, q in steps if side == "device"]
-    assert len(guest) == 3 * 3 * 2 and len(device) == 3 * 2 * 2
+    assert len(guest) == 3 * 4 * 2 and len(device) == 3 * 3 * 2
     firsts = [next(b for rr, b, q in guest if rr == r) for r in range(3)]
-    assert firsts == ["vblk", "qsd", "qemu"]
-    assert {b for _, b, _ in device} == {"vblk", "qsd"}
+    assert firsts == ["vblk", "vblk-cache", "qsd"]
+    assert {b for _, b, _ in device} == {"vblk", "vblk-cache", "qsd"}
 
 
 def test_args_quick_defaults_and_errors() -> None:
     o = compare.parse_args(["--quick", "--out", "/x"])
     s = o.settings
     assert (s.rounds, s.runtime, s.span, s.quick, o.out) == (1, 2, 64 << 20, True, Path("/x"))
-    assert s.backends == ["vblk", "qsd", "qemu"] and s.queues == [1, 2] and o.render is None
+    assert s.backends == list(compare.BACKENDS) and s.queues == [1, 2] and o.render is None
+    assert compare.BACKENDS == ("vblk", "vblk-cache", "qsd", "qemu")
     s = compare.parse_args(["--quick", "--runtime", "5", "--vblk-args", ""]).settings
     assert s.runtime == 5 and s.vblk_args == []
     for bad in (["--backends", "spdk"], ["--jobs", "randtrim"], ["--queues", "x"],
@@ -418,8 +427,10 @@ def test_quick_run_produces_complete_results(tmp_path: Path) -> None:
     # Over a whole job the backend cannot have used no CPU at all.
     assert any(s["cpu_ticks"] for s in res["samples"] if s["backend"] == "vblk")
     assert any(s["cpu_ticks"] for s in res["samples"] if s["backend"] == "qsd")
-    rat = {(r["side"], r["job"], r["queues"]): r for r in res["ratios"]}
-    assert len(rat) == 2 * len(compare.JOBS) + 2 * len(compare.DEVICE_JOBS)
+    rat = {(r["side"], r["job"], r["queues"], r["backend"]): r for r in res["ratios"]}
+    assert len(rat) == len(compare.VBLK_BACKENDS) * (
+        2 * len(compare.JOBS) + 2 * len(compare.DEVICE_JOBS)
+    )
     assert all(r["iops"] and r["iops"] > 0 for r in rat.values())
     m = res["machine"]
     assert m["nproc"] and m["kernel"] and "QEMU" in m["qemu"] and m["date"]

@@ -277,28 +277,33 @@ def test_io_engines_move_the_right_bytes(
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 15
-    while not sock.exists():
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    pattern = os.urandom(1 << 20)
-    with vblk.client.connect(str(sock), num_queues=2, timeout=10) as dev:
-        for qi, q in enumerate(dev.queues):  # 64 writes in flight per queue
-            buf = dev.alloc(1 << 20)
-            buf.view[:] = pattern
-            base = qi * (2 << 20)
-            for i in range(64):
-                q.submit_write((base + i * 16384) >> 9, buf.gpa + i * 16384, 16384)
-            q.kick()
-            done: list[tuple[object, int]] = []
-            while q.in_flight:
-                q.complete(done)
-            assert [st for _, st in done] == [Status.OK] * 64
-        dev.flush()
-        assert dev.read(2 << 20, 1 << 20) == pattern
-        r = dev.submit_raw(ReqType.IN, IMG_SIZE // 512, in_len=512)  # past the end
-        assert r.status == Status.IOERR
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pattern = os.urandom(1 << 20)
+        with vblk.client.connect(str(sock), num_queues=2, timeout=10) as dev:
+            for qi, q in enumerate(dev.queues):  # 64 writes in flight per queue
+                buf = dev.alloc(1 << 20)
+                buf.view[:] = pattern
+                base = qi * (2 << 20)
+                for i in range(64):
+                    q.submit_write((base + i * 16384) >> 9, buf.gpa + i * 16384, 16384)
+                q.kick()
+                done: list[tuple[object, int]] = []
+                while q.in_flight:
+                    q.complete(done)
+                assert [st for _, st in done] == [Status.OK] * 64
+            dev.flush()
+            assert dev.read(2 << 20, 1 << 20) == pattern
+            r = dev.submit_raw(ReqType.IN, IMG_SIZE // 512, in_len=512)  # past the end
+            assert r.status == Status.IOERR
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
