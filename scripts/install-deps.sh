@@ -9,8 +9,9 @@ ROOT=$(pwd -P)
 PY=${PYTHON:-python3}
 
 # QEMU (system emulator, qemu-img, qemu-storage-daemon), the guest's kernel and
-# userland (busybox-static, fio, e2fsprogs), cpio for poking at initramfs images.
-PKGS=(qemu-system-x86 qemu-utils qemu-system-common linux-image-amd64 busybox-static fio e2fsprogs cpio)
+# userland (busybox-static, fio, e2fsprogs), cpio for poking at initramfs images, strace
+# for the durability test (FLUSH must be an fdatasync with every I/O engine).
+PKGS=(qemu-system-x86 qemu-utils qemu-system-common linux-image-amd64 busybox-static fio e2fsprogs cpio strace)
 if ! "$PY" -m pip --version >/dev/null 2>&1; then PKGS+=(python3-pip); fi
 
 SUDO=()

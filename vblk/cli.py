@@ -72,6 +72,17 @@ def _io_threads(text: str) -> int:
     return value
 
 
+def _socket_mode(text: str) -> int:
+    """An octal permission mode such as 0660 (a leading 0o is accepted too)."""
+    digits = text.strip().lower().removeprefix("0o")
+    if not digits or digits.strip("01234567"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0600")
+    value = int(digits, 8)
+    if value > 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a permission mode in 0000..0777")
+    return value
+
+
 def _size(text: str) -> int:
     from vblk.io.image import parse_size
 
@@ -95,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("image", metavar="IMAGE", help="raw image file or block device")
     serve.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    serve.add_argument(
+        "--socket-mode",
+        type=_socket_mode,
+        default=0o600,
+        metavar="OCTAL",
+        help="permission bits of the socket (default 0600: only its owner may connect)",
+    )
     serve.add_argument(
         "--num-queues",
         type=_positive_int,
@@ -200,6 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine=engine,
         io_threads=args.io_threads,
         poll_us=args.poll_us,
+        socket_mode=args.socket_mode,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -149,9 +149,13 @@ class BlockDevice:
         if offset != WRITEBACK_OFFSET or len(data) != 1 or data[0] > 1:
             return False
         with self._wce_lock:
-            if self.config.writeback and not data[0]:
-                self.image.flush()  # switching to writethrough: nothing cached may be lost
+            was = self.config.writeback
             self.config.writeback = data[0]
+            if was and not data[0]:
+                # Switching to writethrough: flush what is cached. After the
+                # switch, so a write that saw writeback on (and skipped its own
+                # flush) has already written, and this flush covers it.
+                self.image.flush()
         log.info("write cache %s", "enabled (writeback)" if data[0] else "disabled (writethrough)")
         return True
 
@@ -355,6 +359,8 @@ class BlockDevice:
             else:
                 self.image.discard(offset, length)
                 stats.discards += 1
+        if zero and segments and not self.config.writeback:
+            self.image.flush()  # writethrough: zeroes are data, durable before completion
 
 
 def _type_name(rtype: int) -> str:

@@ -52,7 +52,13 @@ def _check(ret: int, what: str) -> int:
 
 
 def address_of(view: memoryview) -> int:
-    """The address of a writable memoryview's first byte (guest memory is mapped read/write)."""
+    """The address of a writable memoryview's first byte (guest memory is mapped read/write).
+
+    Empty views get 0: a guest may hand us a zero-length descriptor, and the
+    kernel never touches a zero-length iovec.
+    """
+    if not len(view):
+        return 0
     return int(ctypes.addressof(ctypes.c_char.from_buffer(view)))
 
 
