@@ -440,7 +440,8 @@ def test_quick_run_produces_complete_results(tmp_path: Path) -> None:
 
     md = (out / "results.md").read_text()
     assert (
-        "| job | queues | vblk serve | qemu-storage-daemon | QEMU virtio-blk | vblk / qsd |" in md
+        "| job | queues | vblk serve --direct | vblk serve (page cache) | qemu-storage-daemon "
+        "| QEMU virtio-blk | vblk / qsd | vblk (cache) / qsd |" in md
     )
     for job in compare.JOBS.values():
         assert f"| {job.title} | 2 |" in md
