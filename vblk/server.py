@@ -20,7 +20,14 @@ import time
 from vblk.blk.device import BlockDevice
 from vblk.errors import ProtocolError, VblkError
 from vblk.vhost_user.backend import BackendSession, Vring
-from vblk.vhost_user.codec import ANCILLARY_SPACE, MessageReader, encode, unpack_fds
+from vblk.vhost_user.codec import (
+    ANCILLARY_SPACE,
+    Message,
+    MessageReader,
+    encode,
+    pack_fds,
+    unpack_fds,
+)
 from vblk.vhost_user.defs import HEADER_SIZE, MAX_PAYLOAD
 from vblk.worker import QueueWorker
 
@@ -190,7 +197,7 @@ class Server:
                 while (msg := reader.next()) is not None:
                     answer = session.handle(msg)
                     if answer is not None:
-                        conn.sendall(encode(answer))
+                        _send(conn, answer)
         except ProtocolError as e:
             log.warning("dropping frontend: %s", e)
         except TimeoutError:
@@ -254,6 +261,15 @@ class Server:
             if isinstance(e, _Shutdown):
                 return None, []
             raise
+
+
+def _send(conn: socket.socket, msg: Message) -> None:
+    """One reply; its fds (GET_INFLIGHT_FD's memfd) ride with its first byte."""
+    data = encode(msg)
+    if msg.fds:
+        data = data[conn.sendmsg([data], pack_fds(msg.fds)) :]
+    if data:
+        conn.sendall(data)
 
 
 class _Shutdown(Exception):
