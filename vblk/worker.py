@@ -218,6 +218,16 @@ class QueueWorker:
             if q.should_notify():
                 self._notify()
 
+    def _pop_locked(self) -> Chain | None:
+        """pop() for the threads engine with inflight tracking: pool threads push meanwhile.
+
+        A push publishes used->idx and only then clears its head's inflight mark;
+        the guest may reuse that head at once, and marking it again must not land
+        between the two, or the mark would be lost.
+        """
+        with self._used_lock:
+            return self.queue.pop()
+
     def _drain(self) -> None:
         q = self.queue
         handle = self.device.handle
@@ -225,11 +235,12 @@ class QueueWorker:
         self.batches += 1
         pool = self._pool
         uring = self._uring
+        pop = self._pop_locked if pool is not None and q.tracks_inflight else q.pop
         while True:
             q.disable_notifications()
             done = 0
             while not self._stopping:
-                chain = q.pop()
+                chain = pop()
                 if chain is None:
                     break
                 if pool is not None:

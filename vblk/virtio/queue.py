@@ -209,6 +209,11 @@ class DeviceQueue:
         self._if_u16, self._if_u64 = inflight.u16, inflight.u64
         self._if_flags = inflight.bytes
 
+    @property
+    def tracks_inflight(self) -> bool:
+        """Pops and pushes are recorded in an inflight region."""
+        return self._if_flags is not None
+
     # -- consuming requests ------------------------------------------------------
 
     def pop(self) -> Chain | None:
