@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import signal
 import socket
 import stat
 import time
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: A frontend that starts a message must finish it within this time, or be dropped.
 MESSAGE_TIMEOUT = 10.0
+#: Signals that stop ``vblk serve`` gracefully (handled on the main thread).
+SHUTDOWN_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
 class ServeError(VblkError):
@@ -53,7 +56,14 @@ class _ConnectionQueues:
     def start_queue(self, vring: Vring) -> None:
         worker = QueueWorker(vring, self.device, self.engine, self.io_threads)
         self.workers[vring.index] = worker
-        worker.start()
+        # The queue thread, and the pool threads it starts, inherit a mask that blocks
+        # the shutdown signals, so the kernel hands those to the main thread: the only
+        # one that runs Python handlers, and it may sleep in poll() for a long time.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+        try:
+            worker.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def stop_queue(self, vring: Vring) -> None:
         worker = self.workers.pop(vring.index, None)

@@ -6,11 +6,10 @@ restart) and starts a new one on the same socket and image. The new process
 gets the inflight region back from QEMU and resubmits what the dead one had
 taken from the rings and not completed; the guest must see no I/O error.
 
-Signals are aimed: the backend is frozen with SIGSTOP and its inflight region
-read from /proc/PID/mem. A SIGKILL lands while it is frozen, so the next
-process must resubmit exactly the requests read; a SIGTERM follows the
-SIGCONT at once, and the next process must resubmit nothing, since a graceful
-stop completes what is in flight. A few tries look for a moment with requests in flight; if none comes,
+Signals are aimed: the backend is frozen with SIGSTOP, its inflight region
+read from /proc/PID/mem, and the signal sent before it thaws. After a SIGKILL
+the next process must resubmit exactly the requests read; after a SIGTERM
+nothing, since a graceful stop completes what is in flight. A few tries look for a moment with requests in flight; if none comes,
 the signal goes ahead anyway.
 
 ``VBLK_SOAK=1`` (``VBLK_SOAK_SECONDS``, default 300) runs the same for
@@ -154,9 +153,8 @@ class Restarter:
     def kill(self, sig: signal.Signals, moved: int, io_active: bool) -> Kill:
         """Freeze the current generation until requests are in flight, signal it, start the next.
 
-        A SIGKILL is sent while the process is frozen, so the region read is the
-        state it dies in; a SIGTERM right after it thaws, so it starts its graceful
-        stop with about those requests in flight.
+        The signal is sent while the process is frozen, so the region read is the
+        state it dies in (SIGKILL) or starts its graceful stop from (SIGTERM).
         """
         b = self.current
         pid = b.proc.pid
@@ -172,13 +170,11 @@ class Restarter:
                 break
             os.kill(pid, signal.SIGCONT)
             time.sleep(random.uniform(0.005, 0.03))
-        if sig == signal.SIGKILL:
-            os.kill(pid, sig)  # dies frozen: exactly the region just read
+        # Sent while frozen: a SIGKILL dies in exactly the state just read; a SIGTERM is
+        # taken by whichever thread wakes first, which vblk serve must cope with (only its
+        # main thread leaves the shutdown signals unblocked).
+        os.kill(pid, sig)
         os.kill(pid, signal.SIGCONT)
-        if sig != signal.SIGKILL:
-            # Sent while running: a signal sent to a frozen process goes to whichever
-            # thread wakes first, and only the main thread (idle in poll) runs handlers.
-            os.kill(pid, sig)
         kill = Kill(sig.name, moved, io_active, count)
         kill.rc = b.stop(timeout=60, sig=sig)
         try:
