@@ -31,6 +31,7 @@ import guest as guest_tool
 import pytest
 from e2e_backend import KIND, Backend, Boot, make_image, workload
 
+from vblk.io import uring
 from vblk.virtio.inflight import QueueInflight, queue_region_size
 
 pytestmark = [
@@ -39,10 +40,11 @@ pytestmark = [
 ]
 
 NUM_QUEUES = 2
-#: Engines the generations take in turn: out-of-order completion (threads) and in-order (sync).
-ENGINES = ("threads", "sync")
-#: Bytes a generation must have moved (read + written) before it may be killed.
-CI_IO_BEFORE_KILL = 24 << 20
+#: Engines the generations take in turn: out-of-order completion (threads, uring) and
+#: in-order (sync). Three, against two signals taking turns, so each signal meets each engine.
+ENGINES = ("threads", "sync", "uring" if uring.available() else "threads")
+#: Requests a generation must have completed before it may be killed (~25 MiB of fio's).
+CI_DONE_BEFORE_KILL = 700
 #: How long to look for a moment with requests in flight before signalling anyway.
 AIM_SECONDS = 0.5
 POLL = 0.05
@@ -51,8 +53,8 @@ POLL = 0.05
 @dataclass
 class Kill:
     sig: str
-    moved: int  # bytes this generation moved before it died
-    io_active: bool  # it moved bytes in the last poll interval before the kill
+    done: int  # requests this generation completed before it was signalled
+    io_active: bool  # it completed some in the last poll interval before the signal
     in_flight: int | None  # requests marked in its inflight region when signalled
     rc: int | None = None
     resubmitted: int | None = None  # what the next generation logged
@@ -76,38 +78,63 @@ class Run:
         )
 
 
-def io_bytes(pid: int) -> int:
-    """Bytes the process has read and written, through any syscall (the image's mostly)."""
+def region(pid: int, queue_size: int) -> list[QueueInflight] | None:
+    """A copy of the backend's inflight region, one part per queue; None while unmapped.
+
+    Read from /proc/PID/mem, so it shows what the process has recorded: exact when the
+    process is frozen, a progress gauge (each part's used_idx) while it runs.
+    """
+    best: tuple[int, int, int] | None = None  # (memfd inode, start, end): the newest memfd
     try:
-        with open(f"/proc/{pid}/io") as f:
-            fields = dict(line.split(": ") for line in f.read().splitlines())
-    except (OSError, ValueError):
-        return 0
-    return int(fields["rchar"]) + int(fields["wchar"])
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                if "memfd:vblk-inflight" in line:
+                    rng, _, _, _, inode = line.split()[:5]
+                    start, end = (int(x, 16) for x in rng.split("-"))
+                    if best is None or int(inode) > best[0]:
+                        best = (int(inode), start, end)
+        if best is None:
+            return None
+        _, start, end = best
+        with open(f"/proc/{pid}/mem", "rb") as mem:
+            mem.seek(start)
+            data = bytearray(mem.read(end - start))
+    except OSError:
+        return None
+    step = queue_region_size(queue_size)
+    view = memoryview(data)
+    return [
+        QueueInflight(view[q * step : (q + 1) * step], queue_size)
+        for q in range(min(NUM_QUEUES, len(data) // step))
+    ]
 
 
 def in_flight(pid: int, queue_size: int) -> int | None:
-    """Requests marked in flight in the (frozen) backend's inflight region; None if unmapped."""
-    best: tuple[int, int, int] | None = None  # (memfd inode, start, end): the newest memfd
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            if "memfd:vblk-inflight" in line:
-                rng, _, _, _, inode = line.split()[:5]
-                start, end = (int(x, 16) for x in rng.split("-"))
-                if best is None or int(inode) > best[0]:
-                    best = (int(inode), start, end)
-    if best is None:
-        return None
-    _, start, end = best
-    with open(f"/proc/{pid}/mem", "rb") as mem:
-        mem.seek(start)
-        data = bytearray(mem.read(end - start))
-    step = queue_region_size(queue_size)
-    count = 0
-    for q in range(min(NUM_QUEUES, len(data) // step)):
-        part = QueueInflight(memoryview(data)[q * step : (q + 1) * step], queue_size)
-        count += len(part.inflight_heads())
-    return count
+    """Requests marked in flight in the backend's inflight region; None if unmapped."""
+    parts = region(pid, queue_size)
+    return None if parts is None else sum(len(p.inflight_heads()) for p in parts)
+
+
+class Progress:
+    """Requests one generation has completed, from its region's used_idx fields (any engine)."""
+
+    def __init__(self, pid: int, queue_size: int) -> None:
+        self.pid, self.queue_size = pid, queue_size
+        self.last: list[int] | None = None
+        self.done = 0
+
+    def poll(self) -> int:
+        """Update; returns the requests completed since the previous poll."""
+        parts = region(self.pid, self.queue_size)
+        if parts is None:
+            return 0
+        now = [p.used_idx for p in parts]
+        step = 0
+        if self.last is not None and len(self.last) == len(now):
+            step = sum((n - o) & 0xFFFF for n, o in zip(now, self.last, strict=True))
+        self.last = now
+        self.done += step
+        return step
 
 
 def stopped(pid: int) -> bool:
@@ -150,7 +177,7 @@ class Restarter:
         self.generations.append(b)
         return b
 
-    def kill(self, sig: signal.Signals, moved: int, io_active: bool) -> Kill:
+    def kill(self, sig: signal.Signals, done: int, io_active: bool) -> Kill:
         """Freeze the current generation until requests are in flight, signal it, start the next.
 
         The signal is sent while the process is frozen, so the region read is the
@@ -175,7 +202,7 @@ class Restarter:
         # main thread leaves the shutdown signals unblocked).
         os.kill(pid, sig)
         os.kill(pid, signal.SIGCONT)
-        kill = Kill(sig.name, moved, io_active, count)
+        kill = Kill(sig.name, done, io_active, count)
         kill.rc = b.stop(timeout=60, sig=sig)
         try:
             self.spawn()
@@ -190,11 +217,11 @@ def run_with_restarts(
     *,
     seconds: int,
     plan: list[signal.Signals] | None,
-    io_before_kill: int,
+    done_before_kill: int,
     interval: tuple[float, float] = (0.0, 0.0),
 ) -> Run:
     """Boot the guest on a restartable backend and kill it per ``plan`` (None: forever,
-    alternating SIGKILL and SIGTERM) once each generation moved ``io_before_kill`` bytes
+    alternating SIGKILL and SIGTERM) once each generation completed ``done_before_kill`` requests
     and at least ``interval`` seconds passed."""
     image = make_image(tmp / "restart.img", 1 << 30)
     r = Restarter(tmp, image)
@@ -219,24 +246,24 @@ def run_with_restarts(
     thread.start()
     kills: list[Kill] = []
     try:
-        born, base, last = time.monotonic(), io_bytes(r.current.proc.pid), 0
+        born, progress = time.monotonic(), Progress(r.current.proc.pid, r.queue_size)
         wait = random.uniform(*interval)
         while thread.is_alive() and r.failed is None:
             time.sleep(POLL)
             if plan is not None and len(kills) >= len(plan):
                 continue
-            moved = io_bytes(r.current.proc.pid) - base
-            active = moved > last
-            last = moved
-            if moved < io_before_kill or not active or time.monotonic() - born < wait:
+            active = progress.poll() > 0
+            if progress.done < done_before_kill or not active:
+                continue
+            if time.monotonic() - born < wait:
                 continue
             sig = (
                 plan[len(kills)]
                 if plan is not None
                 else (signal.SIGKILL, signal.SIGTERM)[len(kills) % 2]
             )
-            kills.append(r.kill(sig, moved, active))
-            born, base, last = time.monotonic(), io_bytes(r.current.proc.pid), 0
+            kills.append(r.kill(sig, progress.done, active))
+            born, progress = time.monotonic(), Progress(r.current.proc.pid, r.queue_size)
             wait = random.uniform(*interval)
     finally:
         thread.join()
@@ -295,7 +322,9 @@ def test_sigkill_and_sigterm_restarts_under_fio_verify(
     tmp_path: Path, boot: Boot, capsys: pytest.CaptureFixture[str]
 ) -> None:
     plan = [signal.SIGKILL, signal.SIGKILL, signal.SIGTERM]
-    run = run_with_restarts(tmp_path, boot, seconds=0, plan=plan, io_before_kill=CI_IO_BEFORE_KILL)
+    run = run_with_restarts(
+        tmp_path, boot, seconds=0, plan=plan, done_before_kill=CI_DONE_BEFORE_KILL
+    )
     with capsys.disabled():
         print(f"\nrestart e2e: {run.summary()}")
         print(run.result.output)
@@ -313,7 +342,7 @@ def test_soak_restarts(tmp_path: Path, boot: Boot, capsys: pytest.CaptureFixture
         boot,
         seconds=seconds,
         plan=None,
-        io_before_kill=1 << 20,
+        done_before_kill=30,
         interval=(2.0, 5.0),
     )
     v = run.result.values
