@@ -2,7 +2,7 @@
 # Everything runs as root on Debian bookworm (scripts/install-deps.sh installs QEMU etc.).
 PYTHON ?= python3
 
-.PHONY: demo test deps lint fmt unit e2e e2e-qsd interop compare guest clean
+.PHONY: demo test deps lint fmt unit e2e e2e-qsd soak interop compare guest clean
 
 # Serve demo/disk.img with vblk serve (2 queues) and let a real QEMU guest run fio on it.
 demo: deps
@@ -39,6 +39,10 @@ e2e:
 
 e2e-qsd:
 	VBLK_E2E_BACKEND=qsd $(PYTHON) -m pytest -v tests/e2e
+
+# Kill and restart vblk serve every few seconds under guest fio verify (VBLK_SOAK_SECONDS, 300).
+soak:
+	VBLK_SOAK=1 $(PYTHON) -m pytest -v -s tests/e2e/test_restart.py -k soak
 
 # Build (or find) the cached guest kernel + initramfs.
 guest:

@@ -469,3 +469,47 @@ def test_zero_length_data_descriptor_is_served_by_every_engine(tmp_path: Path, e
     finally:
         log = _stop(proc, tmp_path)
     assert "worker failed" not in log, log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_any_thread_takes_still_stops_the_server(tmp_path: Path, sig: int) -> None:
+    """Queue threads must not swallow SIGTERM/SIGINT while the main thread sleeps in poll.
+
+    Sent to a stopped process, the signal is taken by whichever thread wakes first on
+    SIGCONT; only the main thread runs Python handlers, so the queue and pool threads
+    must block these signals or the shutdown waits for the next frontend message.
+    """
+    img = tmp_path / "t.img"
+    with open(img, "wb") as f:
+        f.truncate(IMG_SIZE)
+    sock = tmp_path / "t.sock"
+    cmd = [sys.executable, "-m", "vblk", "serve", str(img), "--socket", str(sock)]
+    proc = subprocess.Popen(
+        [*cmd, "--num-queues", "2", "--aio", "threads"], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    with vblk.client.connect(str(sock), num_queues=2, timeout=10) as dev:
+        for _ in range(8):  # start every queue thread and its pool threads
+            for q in dev.queues:
+                buf = dev.alloc(4096)
+                for i in range(4):
+                    q.submit_read(i * 8, buf.gpa, 4096)
+                q.kick()
+                done: list[tuple[object, int]] = []
+                while q.in_flight:
+                    q.complete(done)
+        threads = len(os.listdir(f"/proc/{proc.pid}/task"))
+        assert threads > 4
+        try:
+            os.kill(proc.pid, signal.SIGSTOP)
+            os.kill(proc.pid, sig)
+            os.kill(proc.pid, signal.SIGCONT)
+            _, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"{signal.Signals(sig).name} ignored by a server with {threads} threads")
+    assert proc.returncode == 0, err

@@ -238,9 +238,14 @@ def qemu_command(
     mem: str = "512M",
     device_opts: str = "",
     aio: str = "threads",
+    reconnect: int = 0,
 ) -> list[str]:
     """QEMU (TCG) with the guest's disk on a vhost-user socket, or on QEMU's own virtio-blk
-    (O_DIRECT, ``aio`` = threads, native or io_uring)."""
+    (O_DIRECT, ``aio`` = threads, native or io_uring).
+
+    ``reconnect`` (seconds, 0 = never): QEMU redials a backend that went away, so
+    the backend can be restarted under a running guest.
+    """
     cmd = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", mem, "-smp", str(smp),
         "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nodefaults",
@@ -249,10 +254,11 @@ def qemu_command(
     ]  # fmt: skip
     opts = f",{device_opts}" if device_opts else ""
     if socket is not None:
+        chardev = f"socket,id=c0,path={socket}" + (f",reconnect={reconnect}" if reconnect else "")
         cmd += [
             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
             "-numa", "node,memdev=mem",
-            "-chardev", f"socket,id=c0,path={socket}",
+            "-chardev", chardev,
             "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={num_queues}{opts}",
         ]  # fmt: skip
     elif image is not None:
@@ -290,6 +296,7 @@ def run_guest(
     alive: Callable[[], bool] | None = None,
     on_line: Callable[[str], None] | None = None,
     aio: str = "threads",
+    reconnect: int = 0,
 ) -> GuestResult:
     """Boot the guest against ``socket`` (or, as a baseline, QEMU's own virtio-blk on ``image``),
     run ``workload`` (shell text) inside it and return what it printed.
@@ -304,7 +311,8 @@ def run_guest(
     ``on_line(line)`` is called from a reader thread for each console line (without its
     line ending) while the guest runs; if it raises, the guest still runs to its end and
     the first exception is raised afterwards. ``aio`` is the ``-drive`` aio mode for
-    ``image``.
+    ``image``. ``reconnect`` is passed to
+    :func:`qemu_command`.
     """
     guest = guest or build()
     extra = gzip.compress(_cpio([("workload.sh", 0o100755, workload.encode())]), 1)
@@ -314,7 +322,7 @@ def run_guest(
         cmd = qemu_command(
             guest, f.name, socket=None if socket is None else os.fspath(socket),
             image=None if image is None else os.fspath(image), num_queues=num_queues, smp=smp,
-            mem=mem, device_opts=extra_device_opts, aio=aio,
+            mem=mem, device_opts=extra_device_opts, aio=aio, reconnect=reconnect,
         )  # fmt: skip
         t0 = time.monotonic()
         # stdin is not the terminal: QEMU's stdio chardev would leave a tty in raw mode
@@ -411,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--timeout", type=float, default=180)
     r.add_argument("--device-opts", default="")
     r.add_argument("--aio", default="threads", help="-drive aio mode with --image")
+    r.add_argument(
+        "--reconnect", type=int, default=0, help="seconds between QEMU's redials of the socket"
+    )
     a = ap.parse_args(argv)
     try:
         if a.cmd == "build":
@@ -420,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = run_guest(
             a.socket, Path(a.workload).read_text(), image=a.image, num_queues=a.num_queues,
             smp=a.smp, mem=a.mem, timeout=a.timeout, extra_device_opts=a.device_opts,
-            aio=a.aio,
+            aio=a.aio, reconnect=a.reconnect,
         )  # fmt: skip
     except GuestError as e:
         print(f"guest: error: {str(e).splitlines()[0]}", file=sys.stderr)
