@@ -32,9 +32,10 @@ else
   echo "install-deps: system packages present"
 fi
 
-# vblk, editable, plus pytest/hypothesis/mypy/ruff. Checked from / so that the
-# checkout's own directory on sys.path cannot pass for an installed package.
-installed=$(cd / && "$PY" -c 'import os, vblk, pytest, hypothesis, mypy, ruff
+# vblk, editable, plus pytest/hypothesis/mypy/ruff and matplotlib (bench/compare.py's
+# chart). Checked from / so that the checkout's own directory on sys.path cannot pass
+# for an installed package.
+installed=$(cd / && "$PY" -c 'import os, vblk, pytest, hypothesis, mypy, ruff, matplotlib
 print(os.path.dirname(os.path.dirname(os.path.realpath(vblk.__file__))))' 2>/dev/null || true)
 if [ "$installed" != "$ROOT" ]; then
   echo "install-deps: pip install -e .[dev]"

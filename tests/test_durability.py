@@ -208,15 +208,15 @@ def test_writethrough_writes_survive_sigkill_without_a_flush(
 ENGINES = [
     ("sync", ()),
     ("threads", ()),
-    ("uring", ()),
-    ("uring", ("--direct",)),
+    ("io_uring", ()),
+    ("io_uring", ("--direct",)),
     ("threads", ("--direct",)),
 ]
 ENGINE_IDS = [e + ("-direct" if x else "") for e, x in ENGINES]
 
 
 def _need(engine: str) -> None:
-    if engine == "uring" and not uring.available():
+    if engine == "io_uring" and not uring.available():
         pytest.skip("io_uring not allowed here")
 
 
@@ -234,7 +234,7 @@ def test_flush_covers_every_write_completed_before_it(
     _need(engine)
     img = tmp_path / "d.img"
     model = make_image(img)
-    procs.append(proc := serve(tmp_path, "--io-engine", engine, *extra))
+    procs.append(proc := serve(tmp_path, "--aio", engine, *extra))
     half = IMG_SIZE // BLOCK // 2
     with vblk.client.connect(str(tmp_path / "d.sock"), num_queues=2, timeout=20) as dev:
         rng = random.Random(3)
@@ -289,7 +289,7 @@ def test_flush_is_one_fdatasync_of_the_image(
     make_image(tmp_path / "d.img")
     trace = tmp_path / "trace"
     wrap = [strace, "-f", "-qq", "-e", "trace=fdatasync,openat", "-o", str(trace)]
-    procs.append(tracer := serve(tmp_path, "--io-engine", engine, *extra, wrap=wrap))
+    procs.append(tracer := serve(tmp_path, "--aio", engine, *extra, wrap=wrap))
     server = _child_of(tracer.pid)
     writes = 5
     with vblk.client.connect(str(tmp_path / "d.sock"), num_queues=2, timeout=30) as dev:

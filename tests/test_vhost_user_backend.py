@@ -16,6 +16,7 @@ from vblk.vhost_user.backend import PROTOCOL_FEATURES, BackendSession, Vring
 from vblk.vhost_user.codec import (
     U64,
     Config,
+    Inflight,
     Malformed,
     MemRegion,
     MemRegionMsg,
@@ -28,6 +29,7 @@ from vblk.vhost_user.codec import (
 from vblk.vhost_user.defs import FLAG_REPLY, ProtocolFeature, Request
 from vblk.virtio import defs as vdefs
 from vblk.virtio.driver import DriverQueue
+from vblk.virtio.inflight import region_size
 
 GPA = 0x10000
 UADDR = 0x7F0000000000
@@ -154,6 +156,7 @@ def test_feature_negotiation(session: tuple[BackendSession, RecordingHost]) -> N
         ProtocolFeature.REPLY_ACK,
         ProtocolFeature.CONFIG,
         ProtocolFeature.CONFIGURE_MEM_SLOTS,
+        ProtocolFeature.INFLIGHT_SHMFD,
     ):
         assert r.payload.value & (1 << bit)
     r = send(s, Request.GET_QUEUE_NUM)
@@ -332,6 +335,152 @@ def test_close_stops_running_queues(
     assert s.memory.regions == ()
 
 
+# -- inflight tracking: GET/SET_INFLIGHT_FD ----------------------------------------------
+
+
+def get_inflight(s: BackendSession, num_queues: int = 2, queue_size: int = QSIZE) -> Message:
+    r = send(s, Request.GET_INFLIGHT_FD, Inflight(0, 0, num_queues, queue_size))
+    assert r is not None and isinstance(r.payload, Inflight)
+    return r
+
+
+def set_inflight(
+    s: BackendSession, fd: int, size: int, *, offset: int = 0, nq: int = 2, qs: int = QSIZE
+) -> Message | None:
+    """SET_INFLIGHT_FD with a copy of ``fd``, as QEMU passes its own."""
+    return send(
+        s,
+        Request.SET_INFLIGHT_FD,
+        Inflight(size, offset, nq, qs),
+        need_reply=True,
+        fds=(os.dup(fd),),
+    )
+
+
+def test_get_inflight_fd_creates_a_sealed_zeroed_memfd(
+    session: tuple[BackendSession, RecordingHost],
+) -> None:
+    import fcntl
+
+    s, _ = session
+    negotiate(s)
+    r = get_inflight(s)
+    assert r.is_reply and len(r.fds) == 1
+    assert r.payload == Inflight(region_size(2, QSIZE), 0, 2, QSIZE)
+    fd = r.fds[0]
+    assert os.fstat(fd).st_size == region_size(2, QSIZE)
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+    assert os.pread(fd, 64, 0) == bytes(64)
+    # The session holds the fd until the reply went out and the frontend set it.
+    assert set_inflight(s, fd, region_size(2, QSIZE)) == reply_ok()
+    assert s.inflight is not None
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    s.close()
+    assert s.inflight is None
+
+
+def reply_ok() -> Message:
+    return Message(Request.SET_INFLIGHT_FD, 0x5, U64(0))
+
+
+def test_inflight_needs_the_protocol_feature(
+    session: tuple[BackendSession, RecordingHost],
+) -> None:
+    s, _ = session
+    send(s, Request.SET_PROTOCOL_FEATURES, U64(PROTOCOL_FEATURES & ~(1 << 12)))
+    r = get_inflight(s)
+    assert r.payload == Inflight(0, 0, 0, 0) and r.fds == ()  # QEMU: no inflight tracking
+
+
+@pytest.mark.parametrize(("nq", "qs"), [(0, QSIZE), (3, QSIZE), (2, 0), (2, 512), (0xFFFF, 0xFFFF)])
+def test_get_inflight_fd_with_a_bad_geometry_is_refused(
+    session: tuple[BackendSession, RecordingHost], nq: int, qs: int
+) -> None:
+    s, _ = session
+    negotiate(s)
+    r = get_inflight(s, nq, qs)
+    assert r.payload == Inflight(0, 0, 0, 0) and r.fds == ()
+
+
+def test_set_inflight_fd_refuses_what_does_not_fit(
+    session: tuple[BackendSession, RecordingHost],
+) -> None:
+    s, _ = session
+    negotiate(s)
+    size = region_size(2, QSIZE)
+    fd = get_inflight(s).fds[0]
+    nack = Message(Request.SET_INFLIGHT_FD, 0x5, U64(1))
+    assert set_inflight(s, fd, size - 64) == nack  # mmap_size below what 2 x 64 need
+    assert set_inflight(s, fd, size, offset=64) == nack  # runs past the memfd's end
+    assert set_inflight(s, fd, size * 2) == nack  # claims more than the memfd has
+    assert set_inflight(s, fd, 1 << 62, offset=1 << 62) == nack
+    assert set_inflight(s, fd, size, nq=3) == nack  # more queues than the device
+    assert set_inflight(s, fd, size, qs=1024) == nack  # beyond --queue-size
+    assert set_inflight(s, fd, size, qs=0) == nack
+    r, w = os.pipe()
+    assert set_inflight(s, r, size) == nack  # not a memfd
+    os.close(r)
+    os.close(w)
+    two = (os.dup(fd), os.dup(fd))
+    r2 = send(s, Request.SET_INFLIGHT_FD, Inflight(size, 0, 2, QSIZE), need_reply=True, fds=two)
+    assert r2 == nack
+    for extra in two:
+        with pytest.raises(OSError):
+            os.fstat(extra)  # refused fds are closed, not leaked
+    assert s.inflight is None
+    assert set_inflight(s, fd, size) == reply_ok()
+
+
+def test_a_restarted_session_resubmits_what_the_dead_one_had_in_flight(
+    device: BlockDevice, guest_ram: bytearray
+) -> None:
+    """Two sessions over the same guest RAM and inflight memfd: the first dies mid-request."""
+    host = RecordingHost()
+    first = BackendSession(
+        device, host, num_queues=2, max_queue_size=256, map_region=fake_map(guest_ram)
+    )
+    negotiate(first)
+    offered = get_inflight(first)
+    memfd = os.dup(offered.fds[0])  # what QEMU keeps
+    size = region_size(2, QSIZE)
+    set_inflight(first, memfd, size)
+    set_mem(first)
+    drv = setup_ring(first, 0, guest_ram)
+    send(first, Request.SET_VRING_ENABLE, VringState(0, 1))
+    q = first.vrings[0].queue
+    assert q is not None and q.recovery is not None and q.recovery.fresh
+    heads = [drv.add([(GPA + 0x40000 + 0x100 * i, 16)], [(GPA + 0x48000 + i, 1)]) for i in range(3)]
+    popped = [c.head for c in iter(q.pop, None)]
+    assert popped == heads
+    q.push(heads[1], 1)  # one of three completes; then the process is killed
+    first.close()
+
+    second = BackendSession(
+        device, RecordingHost(), num_queues=2, max_queue_size=256, map_region=fake_map(guest_ram)
+    )
+    negotiate(second)
+    assert set_inflight(second, memfd, size) == reply_ok()  # no GET: QEMU reuses its region
+    set_mem(second)
+    base = 1  # QEMU's fallback after a broken connection: last_avail_idx = used->idx
+    send(second, Request.SET_VRING_NUM, VringState(0, QSIZE))
+    send(second, Request.SET_VRING_BASE, VringState(0, base))
+    layout = vdefs.ring_layout(QSIZE)
+    addr = VringAddr(0, 0, UADDR + layout.desc, UADDR + layout.used, UADDR + layout.avail, 0)
+    send(second, Request.SET_VRING_ADDR, addr)
+    send(second, Request.SET_VRING_CALL, U64(0), fds=(os.eventfd(0),))
+    send(second, Request.SET_VRING_KICK, U64(0), fds=(os.eventfd(0),))
+    send(second, Request.SET_VRING_ENABLE, VringState(0, 1))
+    q2 = second.vrings[0].queue
+    assert q2 is not None and q2.recovery is not None
+    assert q2.recovery.resubmit == (heads[0], heads[2])
+    assert q2.last_avail_idx == 3
+    assert [c.head for c in iter(q2.pop, None)] == [heads[0], heads[2]]
+    second.close()
+    os.close(memfd)
+
+
 # -- any sequence of messages: answered or refused, never raised -----------------------
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -385,6 +534,16 @@ _message = st.one_of(
         st.sampled_from([Request.ADD_MEM_REG, Request.REM_MEM_REG]), _region.map(MemRegionMsg)
     ),
     st.tuples(st.sampled_from([Request.GET_CONFIG, Request.SET_CONFIG]), _config),
+    st.tuples(
+        st.sampled_from([Request.GET_INFLIGHT_FD, Request.SET_INFLIGHT_FD]),
+        st.builds(
+            Inflight,
+            st.sampled_from([0, region_size(2, QSIZE), 1 << 62]),
+            st.sampled_from([0, 64, 1 << 62]),
+            st.integers(0, 3),
+            st.sampled_from([0, 1, QSIZE, 256, 1024, 0xFFFF]),
+        ),
+    ),
 )
 
 
@@ -415,6 +574,7 @@ def test_any_message_sequence_is_answered_or_refused(
             r = send(s, req, payload, need_reply=need_reply, fds=fds)
             if r is not None:
                 assert r.is_reply and r.request == req
+                sent += r.fds  # a GET_INFLIGHT_FD memfd: the session's, released by close()
             assert len(host.started) - len(host.stopped) <= 2
     finally:
         s.close()

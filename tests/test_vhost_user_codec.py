@@ -15,6 +15,7 @@ from vblk.vhost_user.codec import (
     U64,
     Config,
     Empty,
+    Inflight,
     Log,
     Malformed,
     MemRegion,
@@ -170,6 +171,23 @@ def test_vring_state_layout() -> None:
     assert wire == header(8, 1, 8) + struct.pack("<II", 1, 256)
 
 
+def test_inflight_layout_is_qemus_padded_struct() -> None:
+    # struct VhostUserInflight { u64 mmap_size, mmap_offset; u16 num_queues, queue_size; }
+    # is 24 bytes in C (4 bytes of tail padding), and QEMU checks the reply is that size.
+    wire = encode(request(Request.SET_INFLIGHT_FD, Inflight(0x1080, 0x40, 2, 128)))
+    assert wire == header(32, 1, 24) + struct.pack("<QQHH", 0x1080, 0x40, 2, 128) + bytes(4)
+    for size in (20, 23, 25, 32):
+        got = decode(Request.GET_INFLIGHT_FD, FLAG_VERSION, bytes(size))
+        assert isinstance(got, Malformed) and "inflight" in got.reason
+
+
+def test_a_reply_can_carry_fds() -> None:
+    to = request(Request.GET_INFLIGHT_FD, Inflight(0, 0, 1, 128))
+    r = reply(to, Inflight(4160, 0, 1, 128), fds=(7,))
+    assert r.is_reply and r.fds == (7,) and r.request == Request.GET_INFLIGHT_FD
+    assert reply(to, U64(0)).fds == ()
+
+
 # -- round trips ---------------------------------------------------------------
 
 ROUND_TRIPS: list[tuple[int, int, Payload]] = [
@@ -193,7 +211,9 @@ ROUND_TRIPS: list[tuple[int, int, Payload]] = [
     (Request.GET_CONFIG, FLAG_VERSION, Config(0, 60, 0, bytes(60))),
     (Request.SET_CONFIG, FLAG_VERSION, Config(20, 1, 0, b"\x01")),
     (Request.SET_CONFIG, FLAG_VERSION, Config(0, 256, 0, bytes(range(256)))),
-    (Request.GET_INFLIGHT_FD, FLAG_VERSION, Raw(b"\x00" * 20)),
+    (Request.GET_INFLIGHT_FD, FLAG_VERSION, Inflight(0, 0, 2, 128)),
+    (Request.SET_INFLIGHT_FD, FLAG_VERSION, Inflight(8448, 0, 4, 128)),
+    (Request.GET_INFLIGHT_FD, FLAG_VERSION | FLAG_REPLY, Inflight(2 << 40, 4096, 0xFFFF, 1)),
     (99, FLAG_VERSION, Raw(b"whatever")),
     (99, FLAG_VERSION | FLAG_REPLY, Raw(b"")),
     # replies
@@ -219,6 +239,7 @@ def test_round_trip(req: int, flags: int, payload: Payload) -> None:
         st.builds(VringAddr, U32, U32, U64S, U64S, U64S, U64S),
         st.builds(MemTable, st.lists(REGIONS, max_size=8).map(tuple)),
         st.builds(MemRegionMsg, REGIONS),
+        st.builds(Inflight, U64S, U64S, st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)),
         st.binary(max_size=256).flatmap(
             lambda d: st.builds(Config, U32, st.just(len(d)), U32, st.just(d))
         ),
@@ -231,6 +252,7 @@ def test_round_trip_any_payload(payload: Payload) -> None:
         VringAddr: Request.SET_VRING_ADDR,
         MemTable: Request.SET_MEM_TABLE,
         MemRegionMsg: Request.ADD_MEM_REG,
+        Inflight: Request.SET_INFLIGHT_FD,
         Config: Request.SET_CONFIG,
     }[type(payload)]
     msg = request(req, payload)
@@ -479,15 +501,15 @@ def test_framed_garbage_never_desynchronises(parts: list[tuple[int, bytes]], ste
 
 
 def test_unpack_fds_from_a_real_scm_rights_message() -> None:
-    import array
     import socket
 
-    from vblk.vhost_user.codec import ANCILLARY_SPACE, unpack_fds
+    from vblk.vhost_user.codec import ANCILLARY_SPACE, pack_fds, unpack_fds
 
+    assert pack_fds([]) == []
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     r, w = os.pipe()
     try:
-        a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]))])
+        a.sendmsg([b"x"], pack_fds([r, w]))
         _, anc, _, _ = b.recvmsg(1, ANCILLARY_SPACE)
         got = unpack_fds(anc)
         assert len(got) == 2 and all(

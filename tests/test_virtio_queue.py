@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from vblk.errors import QueueError
 from vblk.memory import GuestMemory
 from vblk.virtio import defs as vdefs
+from vblk.virtio.inflight import QueueInflight, queue_region_size
 from vblk.virtio.queue import Chain, DeviceQueue
 
 NEXT = vdefs.VIRTQ_DESC_F_NEXT
@@ -60,6 +61,21 @@ class MockRing:
             last_avail_idx=start_idx,
             indirect=indirect,
         )
+
+    def restart(self, last_avail_idx: int, inflight: QueueInflight | None) -> DeviceQueue:
+        """A new DeviceQueue over the same ring, as a restarted backend would build it."""
+        lay = vdefs.ring_layout(self.size)
+        self.q = DeviceQueue(
+            self.mem,
+            self.size,
+            self.mem.translate(RING + lay.desc, vdefs.desc_table_bytes(self.size)),
+            self.mem.translate(RING + lay.avail, vdefs.avail_ring_bytes(self.size)),
+            self.mem.translate(RING + lay.used, vdefs.used_ring_bytes(self.size)),
+            event_idx=False,
+            last_avail_idx=last_avail_idx,
+            inflight=inflight,
+        )
+        return self.q
 
     def put16(self, off: int, v: int) -> None:
         struct.pack_into("<H", self.ram, off, v)
@@ -546,3 +562,125 @@ def test_event_idx_across_wrap() -> None:
         r.q.push(c.head, 1)
         got.append((r.q.used_idx, r.q.should_notify()))
     assert got == [(65534, False), (65535, False), (0, False), (1, False), (2, True)]
+
+
+# -- inflight tracking -----------------------------------------------------------
+
+
+def tracked(size: int = 8) -> tuple[MockRing, bytearray]:
+    """A ring whose queue tracks into a fresh inflight region (a bytearray)."""
+    r = MockRing(size)
+    region = bytearray(queue_region_size(size))
+    for i in range(size):
+        r.desc(i, DATA + 16 * i, 1, WRITE)
+    r.restart(0, QueueInflight(memoryview(region), size))
+    return r, region
+
+
+def flag(region: bytearray, head: int) -> int:
+    return region[16 + 16 * head]
+
+
+def counter(region: bytearray, head: int) -> int:
+    return int(struct.unpack_from("=Q", region, 24 + 16 * head)[0])
+
+
+def region_header(region: bytearray) -> tuple[int, int, int, int]:
+    """version, desc_num, last_batch_head, used_idx"""
+    return struct.unpack_from("=HHHH", region, 8)  # type: ignore[return-value]
+
+
+def test_untracked_queue_has_no_recovery_and_pop_writes_nothing() -> None:
+    r = MockRing(4)
+    r.desc(0, DATA, 1, WRITE)
+    r.publish(0)
+    assert r.q.recovery is None
+    assert r.pop_checked() is not None
+
+
+def test_pop_marks_in_counter_order_and_push_clears() -> None:
+    r, region = tracked()
+    assert r.q.recovery is not None and r.q.recovery.fresh
+    assert region_header(region) == (1, 8, 0, 0)
+    r.publish(5, 2, 7)
+    heads = [c.head for c in iter(r.q.pop, None)]
+    assert heads == [5, 2, 7]
+    assert [flag(region, h) for h in range(8)] == [0, 0, 1, 0, 0, 1, 0, 1]
+    assert [counter(region, h) for h in (5, 2, 7)] == [0, 1, 2]
+    r.q.push(2, 1)  # out of order
+    assert flag(region, 2) == 0 and flag(region, 5) == 1
+    assert region_header(region) == (1, 8, 2, 1)  # last batch head 2, used_idx 1
+    r.q.push(7, 1)
+    r.q.push(5, 1)
+    assert not any(flag(region, h) for h in range(8))
+    assert region_header(region)[2:] == (5, 3)
+
+
+def test_restart_resumes_past_in_flight_requests_and_resubmits_them_first() -> None:
+    r, region = tracked()
+    r.publish(3, 1, 6, 4)
+    popped = [c.head for c in iter(r.q.pop, None)]
+    assert popped == [3, 1, 6, 4]
+    r.q.push(1, 1)
+    r.q.push(4, 1)
+    # SIGKILL: QEMU restores last_avail_idx = used->idx (2) and sends it as the base.
+    r.publish(0)  # and the guest goes on submitting meanwhile
+    q = r.restart(r.used_idx(), QueueInflight(memoryview(region), 8))
+    assert q.recovery is not None and not q.recovery.fresh
+    assert q.recovery.resubmit == (3, 6)
+    assert q.last_avail_idx == 4  # past the four popped, not at the frontend's 2
+    got = [c.head for c in iter(q.pop, None)]
+    assert got == [3, 6, 0]  # the in-flight ones, oldest first, then the new one
+    for h in got:
+        q.push(h, 1)
+    assert r.used_idx() == 5
+    assert sorted(r.used_elem(i)[0] for i in range(5)) == [0, 1, 3, 4, 6]  # each once
+    assert not any(flag(region, h) for h in range(8))
+
+
+def test_restart_after_a_clean_stop_resubmits_nothing() -> None:
+    r, region = tracked()
+    r.publish(1, 2)
+    for c in list(iter(r.q.pop, None)):
+        r.q.push(c.head, 1)
+    q = r.restart(2, QueueInflight(memoryview(region), 8))
+    assert q.recovery is not None and q.recovery.resubmit == ()
+    assert q.last_avail_idx == 2 and q.pop() is None
+
+
+def test_resubmitted_requests_are_marked_until_pushed_across_two_restarts() -> None:
+    r, region = tracked()
+    r.publish(2, 3)
+    list(iter(r.q.pop, None))
+    q = r.restart(0, QueueInflight(memoryview(region), 8))
+    first = q.pop()
+    assert first is not None and first.head == 2
+    q.push(2, 1)
+    # Killed again with 3 handed out a second time but never completed.
+    q = r.restart(r.used_idx(), QueueInflight(memoryview(region), 8))
+    assert q.recovery is not None and q.recovery.resubmit == (3,)
+    assert q.last_avail_idx == 2
+    c = q.pop()
+    assert c is not None and c.head == 3 and q.pop() is None
+    r.publish(5)
+    c2 = q.pop()
+    assert c2 is not None and c2.head == 5
+    assert counter(region, 5) > counter(region, 3)
+
+
+def test_a_region_smaller_than_the_ring_is_refused() -> None:
+    r = MockRing(8)
+    with pytest.raises(QueueError, match="inflight"):
+        r.restart(0, QueueInflight(memoryview(bytearray(queue_region_size(4))), 4))
+
+
+def test_a_corrupt_region_is_survived() -> None:
+    r, region = tracked()
+    region[16:] = b"\xff" * (len(region) - 16)  # every flag 0xff, every counter maxed
+    q = r.restart(0, QueueInflight(memoryview(region), 8))
+    assert q.recovery is not None and q.recovery.resubmit == () and q.recovery.dropped >= 8
+    r.publish(1)
+    c = q.pop()
+    assert c is not None and c.head == 1
+    q.push(1, 1)  # counters were bounded again: no overflow on the next pop
+    assert flag(region, 1) == 0

@@ -9,6 +9,7 @@ Views are zero-copy slices of the mapping, so device code can hand them to
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import stat
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from vblk.errors import GuestMemoryError
 
-__all__ = ["GuestMemory", "Region", "map_fd"]
+__all__ = ["GuestMemory", "Region", "create_memfd", "map_fd", "map_sealed"]
 
 
 @dataclass(frozen=True)
@@ -191,3 +192,46 @@ def map_fd(fd: int, size: int, mmap_offset: int) -> tuple[memoryview, Callable[[
             pass  # views still exported: the mmap goes away with its last view
 
     return view, close
+
+
+def map_sealed(fd: int, size: int, mmap_offset: int) -> tuple[memoryview, Callable[[], None]]:
+    """:func:`map_fd` for a memfd that can never be shorter than the range mapped.
+
+    Touching a mapping beyond the end of its file raises SIGBUS, which would
+    kill the process. So the file must hold the whole range now (fstat) and
+    be sealed against shrinking (the seal is added if the memfd still allows
+    it); otherwise ValueError, before anything is mapped.
+    """
+    if size <= 0 or mmap_offset < 0:
+        raise ValueError(f"bad mapping: size {size:#x}, offset {mmap_offset:#x}")
+    try:  # seal first, then measure: nothing can shrink it in between
+        if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError as e:
+        raise ValueError(
+            f"not a memfd that can be sealed against shrinking: {e.strerror}"
+        ) from None
+    st = os.fstat(fd)
+    if mmap_offset + size > st.st_size:
+        raise ValueError(
+            f"range {mmap_offset:#x}+{size:#x} does not fit the memfd's {st.st_size:#x} bytes"
+        )
+    return map_fd(fd, size, mmap_offset)
+
+
+def create_memfd(size: int, name: str) -> int:
+    """A zero-filled memfd of ``size`` bytes, for sharing with the frontend.
+
+    It is sealed against shrinking and growing, so nobody it is passed to
+    (and back from) can truncate it under a mapping. The caller owns the fd.
+    """
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(
+            fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

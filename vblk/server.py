@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import signal
 import socket
 import stat
 import tempfile
@@ -26,7 +27,14 @@ import time
 from vblk.blk.device import BlockDevice
 from vblk.errors import ProtocolError, VblkError
 from vblk.vhost_user.backend import BackendSession, Vring
-from vblk.vhost_user.codec import ANCILLARY_SPACE, MessageReader, encode, unpack_fds
+from vblk.vhost_user.codec import (
+    ANCILLARY_SPACE,
+    Message,
+    MessageReader,
+    encode,
+    pack_fds,
+    unpack_fds,
+)
 from vblk.vhost_user.defs import HEADER_SIZE, MAX_PAYLOAD
 from vblk.worker import QueueWorker
 
@@ -39,6 +47,8 @@ MESSAGE_TIMEOUT = 10.0
 DEFAULT_SOCKET_MODE = 0o600
 #: How long the start-up probe of an existing socket waits for an answer.
 PROBE_TIMEOUT = 2.0
+#: Signals that stop ``vblk serve`` gracefully (handled on the main thread).
+SHUTDOWN_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
 class ServeError(VblkError):
@@ -48,16 +58,24 @@ class ServeError(VblkError):
 class _ConnectionQueues:
     """The QueueHost of one connection: a worker per running ring."""
 
-    def __init__(self, device: BlockDevice, engine: str, io_threads: int) -> None:
+    def __init__(self, device: BlockDevice, engine: str, io_threads: int, poll_us: int) -> None:
         self.device = device
         self.engine = engine
         self.io_threads = io_threads
+        self.poll_us = poll_us
         self.workers: dict[int, QueueWorker] = {}
 
     def start_queue(self, vring: Vring) -> None:
-        worker = QueueWorker(vring, self.device, self.engine, self.io_threads)
-        self.workers[vring.index] = worker
-        worker.start()
+        # The queue thread, and the engine's pool threads, inherit a mask that blocks
+        # the shutdown signals, so the kernel hands those to the main thread: the only
+        # one that runs Python handlers, and it may sleep in poll() for a long time.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+        try:
+            worker = QueueWorker(vring, self.device, self.engine, self.io_threads, self.poll_us)
+            self.workers[vring.index] = worker
+            worker.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def stop_queue(self, vring: Vring) -> None:
         worker = self.workers.pop(vring.index, None)
@@ -76,6 +94,7 @@ class Server:
         num_queues: int,
         engine: str = "sync",
         io_threads: int = 4,
+        poll_us: int = 0,
         socket_mode: int = DEFAULT_SOCKET_MODE,
     ) -> None:
         if not 0 <= socket_mode <= 0o777:
@@ -83,6 +102,7 @@ class Server:
         self.device = device
         self.engine = engine
         self.io_threads = io_threads
+        self.poll_us = poll_us
         self.socket_path = socket_path
         self.num_queues = num_queues
         self._shutdown = False
@@ -220,7 +240,7 @@ class Server:
         log.warning("refused a second frontend: a frontend is already attached")
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        queues = _ConnectionQueues(self.device, self.engine, self.io_threads)
+        queues = _ConnectionQueues(self.device, self.engine, self.io_threads, self.poll_us)
         session = BackendSession(
             self.device, queues, num_queues=self.num_queues, max_queue_size=self.device.queue_size
         )
@@ -236,7 +256,7 @@ class Server:
                 while (msg := reader.next()) is not None:
                     answer = session.handle(msg)
                     if answer is not None:
-                        _send_reply(conn, encode(answer))
+                        _send_reply(conn, answer)
         except ProtocolError as e:
             log.warning("dropping frontend: %s", e)
         except TimeoutError:
@@ -306,11 +326,18 @@ class _Shutdown(Exception):
     """Shutdown was requested while a message was half read."""
 
 
-def _send_reply(conn: socket.socket, data: bytes) -> None:
-    """Send a reply; a frontend that stops reading them is dropped, never waited on forever."""
+def _send_reply(conn: socket.socket, msg: Message) -> None:
+    """Send a reply, its fds (GET_INFLIGHT_FD's memfd) with its first byte.
+
+    A frontend that stops reading replies is dropped, never waited on forever.
+    """
+    data = encode(msg)
     conn.settimeout(MESSAGE_TIMEOUT)
     try:
-        conn.sendall(data)
+        if msg.fds:
+            data = data[conn.sendmsg([data], pack_fds(msg.fds)) :]
+        if data:
+            conn.sendall(data)
     except TimeoutError:
         raise ProtocolError(
             f"frontend has not read its replies for {MESSAGE_TIMEOUT:.0f}s"

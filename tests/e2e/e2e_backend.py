@@ -64,13 +64,15 @@ class Backend:
             raise pytest.UsageError(f"VBLK_E2E_BACKEND must be one of {KINDS}, not {kind!r}")
         self.kind, self.image, self.socket, self.log_path = kind, image, socket, log_path
         self.cmd = self._command(num_queues, serial, read_only, extra)
+        # A restart may find the socket of a killed predecessor: wait for a new one.
+        stale = _identity(socket)
         self._log: IO[str] = open(log_path, "w")
         self.proc = subprocess.Popen(
             self.cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
         )
         self.rc: int | None = None
         deadline = time.monotonic() + 30
-        while not self.socket.exists():
+        while _identity(socket) in (None, stale):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(
@@ -118,12 +120,12 @@ class Backend:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 30) -> int:
-        """SIGINT, then wait; a backend that ignores it is killed and reported as -9."""
+    def stop(self, timeout: float = 30, sig: int = signal.SIGINT) -> int:
+        """``sig`` (SIGINT), then wait; a backend that ignores it is killed and reported as -9."""
         if self.rc is not None:
             return self.rc
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
         try:
             self.rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -132,6 +134,15 @@ class Backend:
             self.rc = -9
         self._log.close()
         return self.rc
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, ctime) of a socket path, or None: tells a fresh socket from a stale one."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_ctime_ns
 
 
 def make_image(path: Path, size: int = 1 << 30, head: bytes = b"") -> Path:

@@ -433,7 +433,7 @@ class _Errors(logging.Handler):
         self.records.append(record)
 
 
-ENGINES = ["sync", "threads"] + (["uring"] if uring.available() else [])
+ENGINES = ["sync", "threads"] + (["io_uring"] if uring.available() else [])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -441,7 +441,7 @@ def test_worker_engines_answer_or_break_with_a_reason(
     engine: str, devices: dict[bool, BlockDevice], image_path: Path
 ) -> None:
     if os.environ.get("CI") == "true":
-        assert "uring" in ENGINES, "io_uring must be available in CI"
+        assert "io_uring" in ENGINES, "io_uring must be available in CI"
 
     reached = {"answered": 0, "broken": 0}
 

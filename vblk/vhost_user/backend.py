@@ -5,6 +5,10 @@ send, if any. What needs threads (running a queue) is delegated to a
 :class:`QueueHost`; mapping memory fds is an injected function, so tests can
 drive the whole protocol with bytearrays. Every field the frontend sends is
 checked here; a bad one is logged and answered with an error, never raised.
+
+Inflight tracking (GET/SET_INFLIGHT_FD) works the same way: the memfd is
+created by an injected function and mapped by another, and each started
+queue gets its part of the region (:mod:`vblk.virtio.inflight`).
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from vblk.errors import GuestMemoryError, QueueError, VblkError
-from vblk.memory import GuestMemory, map_fd
+from vblk.memory import GuestMemory, create_memfd, map_fd, map_sealed
 from vblk.vhost_user.codec import (
     U64,
     Config,
     Empty,
+    Inflight,
     Malformed,
     MemRegionMsg,
     MemTable,
@@ -40,6 +45,7 @@ from vblk.vhost_user.defs import (
     Request,
 )
 from vblk.virtio import defs as vdefs
+from vblk.virtio.inflight import QueueInflight, queue_region_size, region_size
 from vblk.virtio.queue import DeviceQueue
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,7 @@ PROTOCOL_FEATURES = (
     | 1 << ProtocolFeature.REPLY_ACK
     | 1 << ProtocolFeature.CONFIG
     | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | 1 << ProtocolFeature.INFLIGHT_SHMFD
 )
 #: Memory slots offered with CONFIGURE_MEM_SLOTS (libvhost-user offers 32 too).
 MAX_MEM_SLOTS = 32
@@ -57,6 +64,7 @@ MAX_MEM_SLOTS = 32
 MAX_QUEUE_SIZE = 1024
 
 MapRegion = Callable[[int, int, int], tuple[memoryview, Callable[[], None]]]
+CreateMemfd = Callable[[int, str], int]
 
 
 class Device(Protocol):
@@ -152,6 +160,20 @@ class _Reject(Exception):
     """A request the session refuses; the reason is logged and NACKed."""
 
 
+@dataclass
+class _InflightArea:
+    """The inflight region the frontend set: one part per queue, end to end."""
+
+    view: memoryview
+    unmap: Callable[[], None]
+    num_queues: int
+    queue_size: int
+
+    def part(self, index: int) -> QueueInflight:
+        step = queue_region_size(self.queue_size)
+        return QueueInflight(self.view[index * step : (index + 1) * step], self.queue_size)
+
+
 class BackendSession:
     """One frontend connection's protocol state."""
 
@@ -163,18 +185,24 @@ class BackendSession:
         num_queues: int,
         max_queue_size: int = MAX_QUEUE_SIZE,
         map_region: MapRegion = map_fd,
+        create_inflight: CreateMemfd = create_memfd,
+        map_inflight: MapRegion = map_sealed,
     ) -> None:
         self.device = device
         self.host = host
         self.num_queues = num_queues
         self.max_queue_size = min(max_queue_size, MAX_QUEUE_SIZE)
         self.map_region = map_region
+        self.create_inflight = create_inflight
+        self.map_inflight = map_inflight
         self.memory = GuestMemory()
         self.vrings = [Vring(i) for i in range(num_queues)]
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.owner = False
-        self._handlers: dict[int, Callable[[Message], Payload | None]] = {
+        self.inflight: _InflightArea | None = None
+        self._offered_fd = -1  # the last GET_INFLIGHT_FD memfd, held until its reply is sent
+        self._handlers: dict[int, Callable[[Message], Payload | Message | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
             Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
@@ -196,6 +224,8 @@ class BackendSession:
             Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
             Request.ADD_MEM_REG: self._add_mem_reg,
             Request.REM_MEM_REG: self._rem_mem_reg,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
         # fds a handler decided to keep; every other fd of a message is closed.
         self._kept: set[int] = set()
@@ -221,6 +251,8 @@ class BackendSession:
             except (_Reject, VblkError) as e:
                 log.warning("%s refused: %s", _name(msg.request), e)
                 return self._error_reply(msg.request, msg.flags)
+            if isinstance(payload, Message):
+                return payload  # a reply carrying fds
             if payload is not None:
                 return reply(msg, payload)
             if self._reply_ack and msg.need_reply:
@@ -242,6 +274,8 @@ class BackendSession:
             return reply(stub, Config(0, 0, 0, b""))  # a zero size tells QEMU it failed
         if request == Request.GET_VRING_BASE:
             return reply(stub, VringState(0, 0))
+        if request == Request.GET_INFLIGHT_FD:
+            return reply(stub, Inflight(0, 0, 0, 0))  # a zero size: no inflight tracking
         if request in _U64_REPLIES or (flags & FLAG_NEED_REPLY and self._reply_ack):
             return reply(stub, U64(1 if request not in _U64_REPLIES else 0))
         return None
@@ -252,6 +286,8 @@ class BackendSession:
             self._stop(vring)
             vring.close_fds()
         self.memory.clear()
+        self._drop_inflight()
+        self._drop_offer()
 
     # -- features -------------------------------------------------------------
 
@@ -335,6 +371,82 @@ class BackendSession:
         r = payload.region
         with self._paused():
             self.memory.remove(r.gpa, r.size, r.uaddr)
+
+    # -- inflight tracking ------------------------------------------------------
+
+    def _inflight_geometry(self, p: Inflight) -> None:
+        if not self.acked_protocol_features & (1 << ProtocolFeature.INFLIGHT_SHMFD):
+            raise _Reject("INFLIGHT_SHMFD was not negotiated")
+        if not 0 < p.num_queues <= self.num_queues:
+            raise _Reject(f"{p.num_queues} queues, this device has {self.num_queues}")
+        if not 0 < p.queue_size <= self.max_queue_size:
+            raise _Reject(f"queue size {p.queue_size}, at most {self.max_queue_size} supported")
+
+    def _get_inflight_fd(self, msg: Message) -> Message:
+        """Create a zeroed region for the frontend to keep across our restarts."""
+        p = msg.payload
+        assert isinstance(p, Inflight)
+        self._inflight_geometry(p)
+        size = region_size(p.num_queues, p.queue_size)
+        try:
+            fd = self.create_inflight(size, "vblk-inflight")
+        except OSError as e:
+            raise _Reject(f"cannot create a {size}-byte memfd: {e}") from None
+        self._drop_offer()
+        self._offered_fd = fd
+        log.info(
+            "inflight region created: %d queues of %d, %d bytes", p.num_queues, p.queue_size, size
+        )
+        return reply(msg, Inflight(size, 0, p.num_queues, p.queue_size), fds=(fd,))
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        """Map the region to track in (ours, or one a previous process filled)."""
+        p = msg.payload
+        assert isinstance(p, Inflight)
+        self._inflight_geometry(p)
+        if len(msg.fds) != 1:
+            raise _Reject(f"expected one fd, got {len(msg.fds)}")
+        need = region_size(p.num_queues, p.queue_size)
+        if p.mmap_size < need:
+            raise _Reject(
+                f"mmap_size {p.mmap_size} is below the {need} bytes {p.num_queues} queues "
+                f"of {p.queue_size} need"
+            )
+        try:
+            # The whole claimed range must exist (map_sealed checks it); parts use `need`.
+            view, unmap = self.map_inflight(msg.fds[0], p.mmap_size, p.mmap_offset)
+        except (OSError, ValueError, OverflowError) as e:
+            raise _Reject(f"cannot map the inflight region: {e}") from None
+        with self._paused():
+            self._drop_inflight()
+            self.inflight = _InflightArea(view, unmap, p.num_queues, p.queue_size)
+        self._drop_offer()  # the frontend has it (this is it, or a newer one)
+        log.info("inflight region set: %d queues of %d", p.num_queues, p.queue_size)
+
+    def _drop_inflight(self) -> None:
+        if self.inflight is not None:
+            self.inflight.unmap()
+            self.inflight = None
+
+    def _drop_offer(self) -> None:
+        _close(self._offered_fd)
+        self._offered_fd = -1
+
+    def _queue_inflight(self, vring: Vring) -> QueueInflight | None:
+        """This ring's part of the inflight region, or None to run untracked."""
+        area = self.inflight
+        if area is None or not self.acked_protocol_features & (1 << ProtocolFeature.INFLIGHT_SHMFD):
+            return None
+        if vring.index >= area.num_queues or vring.num > area.queue_size:
+            log.warning(
+                "queue %d of size %d is outside the inflight region (%d queues of %d): not tracked",
+                vring.index,
+                vring.num,
+                area.num_queues,
+                area.queue_size,
+            )
+            return None
+        return area.part(vring.index)
 
     # -- rings ----------------------------------------------------------------
 
@@ -448,10 +560,29 @@ class BackendSession:
                 used,
                 event_idx=bool(self.acked_features & (1 << vdefs.VIRTIO_F_RING_EVENT_IDX)),
                 last_avail_idx=vring.base,
+                inflight=self._queue_inflight(vring),
             )
         except (GuestMemoryError, QueueError) as e:
             raise _Reject(f"queue {vring.index}: cannot start: {e}") from None
-        log.info("queue %d started: size %d, base %d", vring.index, n, vring.base)
+        q = vring.queue
+        log.info(
+            "queue %d started: size %d, base %d, inflight %s",
+            vring.index,
+            n,
+            vring.base,
+            "off" if q.recovery is None else "fresh" if q.recovery.fresh else "recovered",
+        )
+        rec = q.recovery
+        if rec is not None and not rec.fresh:
+            log.info(
+                "queue %d: resubmitting %d in-flight requests %s; avail index %d "
+                "(the frontend said %d)",
+                vring.index,
+                len(rec.resubmit),
+                list(rec.resubmit),
+                q.last_avail_idx,
+                vring.base,
+            )
         self.host.start_queue(vring)
 
     def _stop(self, vring: Vring) -> None:

@@ -42,6 +42,7 @@ _MEM_TABLE_HEAD = struct.Struct("<II")  # nregions, padding
 _MEM_REG_PAD = struct.Struct("<Q")
 _CONFIG_HEAD = struct.Struct("<III")  # offset, size, flags
 _LOG = struct.Struct("<QQ")  # mmap_size, mmap_offset
+_INFLIGHT = struct.Struct("<QQHH4x")  # mmap_size, mmap_offset, num_queues, queue_size, padding
 
 
 class _Invalid(Exception):
@@ -233,6 +234,29 @@ class Log:
 
 
 @dataclass(frozen=True, slots=True)
+class Inflight:
+    """GET/SET_INFLIGHT_FD: the inflight tracking area (its fd travels beside).
+
+    QEMU sends its C struct as is, so the two u16 fields are followed by 4
+    bytes of padding: 24 bytes on the wire, and QEMU checks that size in the
+    reply. A zero ``mmap_size`` in a GET reply means "no area".
+    """
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+    def pack(self) -> bytes:
+        return _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Inflight:
+        _expect(data, _INFLIGHT.size, "inflight")
+        return cls(*_INFLIGHT.unpack(data))
+
+
+@dataclass(frozen=True, slots=True)
 class Raw:
     """The undecoded payload of a request this codec has no layout for."""
 
@@ -242,7 +266,9 @@ class Raw:
         return bytes(self.data)
 
 
-Payload = Empty | U64 | VringState | VringAddr | MemTable | MemRegionMsg | Config | Log | Raw
+Payload = (
+    Empty | U64 | VringState | VringAddr | MemTable | MemRegionMsg | Config | Log | Inflight | Raw
+)
 
 
 def _log_base(data: bytes) -> Payload:
@@ -300,12 +326,15 @@ _REQUESTS: dict[int, _Decoder] = {
     Request.REM_MEM_REG: MemRegionMsg.unpack,
     Request.GET_CONFIG: Config.unpack,
     Request.SET_CONFIG: Config.unpack,
+    Request.GET_INFLIGHT_FD: Inflight.unpack,
+    Request.SET_INFLIGHT_FD: Inflight.unpack,
 }
 
 #: Replies whose layout is not the REPLY_ACK u64 every other known request gets.
 _REPLIES: dict[int, _Decoder] = {
     Request.GET_VRING_BASE: VringState.unpack,
     Request.GET_CONFIG: Config.unpack,
+    Request.GET_INFLIGHT_FD: Inflight.unpack,
 }
 
 
@@ -397,9 +426,9 @@ def request(
     return Message(_code(req), flags, payload, tuple(fds))
 
 
-def reply(to: Message, payload: Payload) -> Message:
+def reply(to: Message, payload: Payload, *, fds: Sequence[int] = ()) -> Message:
     """The back-end's answer to ``to``: same request code, version 1, REPLY set."""
-    return Message(to.request, FLAG_VERSION | FLAG_REPLY, payload)
+    return Message(to.request, FLAG_VERSION | FLAG_REPLY, payload, tuple(fds))
 
 
 # -- stream reassembly ---------------------------------------------------------
@@ -490,6 +519,13 @@ def _close_all(fds: Sequence[int]) -> None:
 
 #: recvmsg ancillary buffer size that holds the most fds one message may carry.
 ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+def pack_fds(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """The ancillary data (for sendmsg) that passes ``fds`` as one SCM_RIGHTS message."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
 def unpack_fds(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:

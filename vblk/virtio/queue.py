@@ -38,6 +38,7 @@ from vblk.virtio.defs import (
     need_event,
     used_ring_bytes,
 )
+from vblk.virtio.inflight import QueueInflight, Recovery
 
 __all__ = [
     "MAX_CHAIN_BYTES",
@@ -144,6 +145,13 @@ class DeviceQueue:
     translated, at least as long as the sizes in :mod:`vblk.virtio.defs`).
     ``last_avail_idx`` is where the previous owner stopped (vhost-user
     SET_VRING_BASE); the used index is resumed from the ring itself.
+
+    With ``inflight`` (this queue's part of the vhost-user inflight region)
+    every pop marks its head and every push clears it, so a later process
+    can tell what was in flight. A part a previous process used is
+    recovered first (:attr:`recovery`): the queue then resumes past the
+    requests that were in flight, and :meth:`pop` hands those out again,
+    oldest first, before anything new.
     """
 
     def __init__(
@@ -157,6 +165,7 @@ class DeviceQueue:
         event_idx: bool,
         last_avail_idx: int = 0,
         indirect: bool = True,
+        inflight: QueueInflight | None = None,
     ) -> None:
         self._desc, self._avail, self._used = ring_views(size, desc, avail, used)
         if not 0 <= last_avail_idx <= 0xFFFF:
@@ -178,6 +187,32 @@ class DeviceQueue:
         # which must signal since we do not know what the driver has seen.
         self._signalled: int | None = None
         self.broken: str | None = None
+        # Inflight tracking: None (nothing to do per request) unless negotiated.
+        self.recovery: Recovery | None = None
+        self._resubmit: list[int] = []  # heads to hand out again, oldest last
+        self._if_flags: memoryview | None = None
+        self._if_u16 = self._if_u64 = self._used  # placeholders; only read when tracking
+        self._if_counter = 0
+        if inflight is not None:
+            self._track(inflight)
+
+    def _track(self, inflight: QueueInflight) -> None:
+        if inflight.desc_num < self.size:
+            raise QueueError(
+                f"inflight region tracks {inflight.desc_num} descriptors, the ring has {self.size}"
+            )
+        rec = self.recovery = inflight.recover(self.used_idx, self.size)
+        if not rec.fresh:
+            self.last_avail_idx = self._shadow_avail_idx = rec.last_avail_idx
+            self._resubmit = list(reversed(rec.resubmit))
+        self._if_counter = rec.counter
+        self._if_u16, self._if_u64 = inflight.u16, inflight.u64
+        self._if_flags = inflight.bytes
+
+    @property
+    def tracks_inflight(self) -> bool:
+        """Pops and pushes are recorded in an inflight region."""
+        return self._if_flags is not None
 
     # -- consuming requests ------------------------------------------------------
 
@@ -187,6 +222,8 @@ class DeviceQueue:
             return None
         last = self.last_avail_idx
         if last == self._shadow_avail_idx:
+            if self._resubmit:  # recovered requests go first; their marks stay set
+                return self._walk(self._resubmit.pop())
             idx: int = self._avail[1]
             if _BIG_ENDIAN:
                 idx = _swap16(idx)
@@ -203,6 +240,12 @@ class DeviceQueue:
         if head >= self.size:
             self.mark_broken(f"avail entry {last} names descriptor {head} of {self.size}")
             return None
+        flags = self._if_flags
+        if flags is not None:  # counter first: a set flag always has its counter
+            c = self._if_counter
+            self._if_u64[3 + (head << 1)] = c  # inflight.counter_item(head)
+            self._if_counter = c + 1
+            flags[16 + (head << 4)] = 1  # inflight.flag_offset(head)
         return self._walk(head)
 
     def _walk(self, head: int) -> Chain:
@@ -294,6 +337,12 @@ class DeviceQueue:
                 pass
         return chain
 
+    def avail_pending(self) -> bool:
+        """Whether the driver has published chains we have not popped (one load; for polling)."""
+        if self.broken is not None:
+            return False
+        return get16(self._avail, 1) != self.last_avail_idx
+
     # -- completing requests -----------------------------------------------------
 
     def push(self, head: int, written: int) -> None:
@@ -301,12 +350,18 @@ class DeviceQueue:
         if not 0 <= head < self.size:
             raise QueueError(f"push of descriptor {head} outside queue of {self.size}")
         idx = self.used_idx
+        flags = self._if_flags
+        if flags is not None:
+            self._if_u16[6] = head  # last_batch_head: recovery's fix-up if we die mid-push
         _USED_ELEM.pack_into(self._used_bytes, 4 + 8 * (idx & self._mask), head, written)
         # The element must be visible before the index that publishes it; stores
         # are not reordered with each other on x86, and there is no fence to issue.
         idx = (idx + 1) & 0xFFFF
         self._used[1] = _swap16(idx) if _BIG_ENDIAN else idx
         self.used_idx = idx
+        if flags is not None:
+            flags[16 + (head << 4)] = 0
+            self._if_u16[7] = idx  # the region's used_idx: this push is complete
 
     def should_notify(self) -> bool:
         """Whether to interrupt the driver for what was pushed since the last decision.
