@@ -2,7 +2,7 @@
 # Everything runs as root on Debian bookworm (scripts/install-deps.sh installs QEMU etc.).
 PYTHON ?= python3
 
-.PHONY: demo test deps lint fmt unit e2e e2e-qsd soak interop bench-guest guest clean
+.PHONY: demo test deps lint fmt unit e2e e2e-qsd soak interop compare guest clean
 
 # Serve demo/disk.img with vblk serve (2 queues) and let a real QEMU guest run fio on it.
 demo: deps
@@ -11,21 +11,21 @@ demo: deps
 # Lint, type-check, then every test: unit, interop (qemu-storage-daemon) and e2e (QEMU guests).
 test:
 	PYTHON=$(PYTHON) bash scripts/install-deps.sh
-	$(PYTHON) -m ruff check vblk tests tools scripts
+	$(PYTHON) -m ruff check vblk tests tools scripts bench
 	$(PYTHON) -m mypy
-	$(PYTHON) -m mypy --strict tools/guest.py
+	$(PYTHON) -m mypy --strict tools/guest.py bench/compare.py
 	$(PYTHON) -m pytest -v --durations=10
 
 deps:
 	PYTHON=$(PYTHON) bash scripts/install-deps.sh
 
 lint:
-	$(PYTHON) -m ruff check vblk tests tools scripts
+	$(PYTHON) -m ruff check vblk tests tools scripts bench
 	$(PYTHON) -m mypy
-	$(PYTHON) -m mypy --strict tools/guest.py
+	$(PYTHON) -m mypy --strict tools/guest.py bench/compare.py
 
 fmt:
-	$(PYTHON) -m ruff format vblk tests tools scripts
+	$(PYTHON) -m ruff format vblk tests tools scripts bench
 
 unit:
 	$(PYTHON) -m pytest -m "not e2e and not interop"
@@ -48,8 +48,11 @@ soak:
 guest:
 	$(PYTHON) tools/guest.py build
 
-bench-guest: deps
-	$(PYTHON) scripts/bench_guest.py
+# vblk serve vs qemu-storage-daemon vs QEMU's built-in virtio-blk: guest fio and vblk bench,
+# 3 rounds of 8 s jobs (~20 min). Results in build/compare/results.{json,md,png}.
+# COMPARE_ARGS="--quick" for a smoke run; see python3 bench/compare.py --help.
+compare: deps
+	$(PYTHON) bench/compare.py $(COMPARE_ARGS)
 
 clean:
 	rm -rf demo build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -9,8 +9,9 @@ ROOT=$(pwd -P)
 PY=${PYTHON:-python3}
 
 # QEMU (system emulator, qemu-img, qemu-storage-daemon), the guest's kernel and
-# userland (busybox-static, fio, e2fsprogs), cpio for poking at initramfs images.
-PKGS=(qemu-system-x86 qemu-utils qemu-system-common linux-image-amd64 busybox-static fio e2fsprogs cpio)
+# userland (busybox-static, fio, e2fsprogs), cpio for poking at initramfs images, strace
+# for the durability test (FLUSH must be an fdatasync with every I/O engine).
+PKGS=(qemu-system-x86 qemu-utils qemu-system-common linux-image-amd64 busybox-static fio e2fsprogs cpio strace)
 if ! "$PY" -m pip --version >/dev/null 2>&1; then PKGS+=(python3-pip); fi
 
 SUDO=()
@@ -31,9 +32,10 @@ else
   echo "install-deps: system packages present"
 fi
 
-# vblk, editable, plus pytest/hypothesis/mypy/ruff. Checked from / so that the
-# checkout's own directory on sys.path cannot pass for an installed package.
-installed=$(cd / && "$PY" -c 'import os, vblk, pytest, hypothesis, mypy, ruff
+# vblk, editable, plus pytest/hypothesis/mypy/ruff and matplotlib (bench/compare.py's
+# chart). Checked from / so that the checkout's own directory on sys.path cannot pass
+# for an installed package.
+installed=$(cd / && "$PY" -c 'import os, vblk, pytest, hypothesis, mypy, ruff, matplotlib
 print(os.path.dirname(os.path.dirname(os.path.realpath(vblk.__file__))))' 2>/dev/null || true)
 if [ "$installed" != "$ROOT" ]; then
   echo "install-deps: pip install -e .[dev]"

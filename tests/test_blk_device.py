@@ -181,6 +181,50 @@ def test_config_writeback_toggle_only(dev: BlockDevice) -> None:
     assert not dev.write_config(WRITEBACK_OFFSET, b"\x05")
 
 
+def test_switch_to_writethrough_flushes_after_the_switch(dev: BlockDevice) -> None:
+    """A write that finished just before the switch saw writeback on and skipped its
+    flush; only a flush issued after writeback reads 0 is sure to cover it."""
+    seen: list[int] = []
+    real_flush = dev.image.flush
+
+    def flush() -> None:
+        seen.append(dev.config.writeback)
+        real_flush()
+
+    dev.image.flush = flush  # type: ignore[method-assign]
+    assert dev.write_config(WRITEBACK_OFFSET, b"\0")
+    assert seen == [0]
+    assert dev.write_config(WRITEBACK_OFFSET, b"\1")  # back to writeback: nothing to flush
+    assert seen == [0]
+
+
+@pytest.mark.parametrize(
+    ("rtype", "writeback", "flushes"),
+    [
+        (ReqType.OUT, 1, 0),
+        (ReqType.OUT, 0, 1),
+        (ReqType.WRITE_ZEROES, 1, 0),
+        (ReqType.WRITE_ZEROES, 0, 1),  # zeroes are data: durable in writethrough mode too
+        (ReqType.DISCARD, 0, 0),  # discarded data has no value to keep
+    ],
+)
+def test_writethrough_makes_writes_durable_before_completion(
+    dev: BlockDevice, rtype: ReqType, writeback: int, flushes: int
+) -> None:
+    calls: list[int] = []
+    real_flush = dev.image.flush
+    dev.config.writeback = writeback
+
+    def flush() -> None:
+        calls.append(1)
+        real_flush()
+
+    dev.image.flush = flush  # type: ignore[method-assign]
+    out = b"w" * 512 if rtype == ReqType.OUT else struct.pack("<QII", 8, 8, 0)
+    assert request(dev, rtype, 0, out)[0] == Status.OK
+    assert len(calls) == flushes
+
+
 def test_chain_without_status_byte_returns_none(dev: BlockDevice) -> None:
     assert dev.handle(Chain(0, [mv(16)], []), Stats()) is None
 

@@ -79,6 +79,15 @@ def test_socket_path_is_a_regular_file(img: Path, tmp_path: Path) -> None:
     one_error_line(vblk("serve", str(img), "--socket", str(f)), "not a socket")
 
 
+@pytest.mark.parametrize("mode", ["999", "01000", "rw", "", "-600"])
+def test_bad_socket_mode(img: Path, tmp_path: Path, mode: str) -> None:
+    one_error_line(
+        vblk("serve", str(img), "--socket", str(tmp_path / "s"), "--socket-mode", mode),
+        "--socket-mode",
+    )
+    assert not (tmp_path / "s").exists()
+
+
 def test_socket_in_use(img: Path, tmp_path: Path) -> None:
     path = str(tmp_path / "busy.sock")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

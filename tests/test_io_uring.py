@@ -47,6 +47,24 @@ def test_writev_then_readv_round_trip(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_empty_buffers_are_fine(tmp_path: Path) -> None:
+    """A guest may hand zero-length descriptors; they cost nothing, and never the queue."""
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, 1 << 20)
+    r = Uring(8)
+    try:
+        data = memoryview(bytearray(os.urandom(512)))
+        empty = memoryview(bytearray(16))[16:]
+        r.prep_rw(OP_WRITEV, fd, [empty, data, empty], 0, 1)
+        r.prep_rw(OP_READV, fd, [empty], 0, 2)
+        r.submit()
+        assert wait_reap(r, 2) == {1: 512, 2: 0}
+        assert os.pread(fd, 512, 0) == bytes(data)
+    finally:
+        r.close()
+        os.close(fd)
+
+
 def test_space_and_full_queue() -> None:
     r = Uring(4)
     try:

@@ -219,6 +219,29 @@ def test_map_fd_rejects_bad_arguments() -> None:
         map_fd(-1, 16, -1)
 
 
+@pytest.mark.parametrize(
+    ("size", "offset"),
+    [
+        (3 * mmap.PAGESIZE, 0),
+        (mmap.PAGESIZE, mmap.PAGESIZE + 1),
+        (1, 2 * mmap.PAGESIZE),
+        (1 << 62, 0),
+    ],
+)
+def test_map_fd_refuses_a_range_past_the_end_of_the_fd(size: int, offset: int) -> None:
+    """Mapped pages past EOF would SIGBUS the backend on first touch."""
+    fd = os.memfd_create("vblk-test", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 2 * mmap.PAGESIZE)
+        with pytest.raises(ValueError, match="past the end"):
+            map_fd(fd, size, offset)
+        view, close = map_fd(fd, mmap.PAGESIZE, mmap.PAGESIZE)  # exactly to the end is fine
+        view[-1] = 1
+        close()
+    finally:
+        os.close(fd)
+
+
 def test_ring_layout() -> None:
     for n in (1, 2, 256, 1024, vdefs.MAX_QUEUE_SIZE):
         lay = vdefs.ring_layout(n)

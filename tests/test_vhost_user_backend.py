@@ -249,6 +249,46 @@ def test_unkept_fds_are_closed(session: tuple[BackendSession, RecordingHost]) ->
         os.fstat(fd)
 
 
+@pytest.mark.parametrize(
+    "req", [Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR]
+)
+def test_ring_fds_must_be_eventfds(
+    session: tuple[BackendSession, RecordingHost], req: Request
+) -> None:
+    """A pipe or memfd as kick/call fd could hang a queue thread in read() or write()."""
+    s, _ = session
+    negotiate(s)
+    r, w = os.pipe()
+    m = os.memfd_create("not-an-eventfd")
+    for fd in (r, m):
+        reply = send(s, req, U64(0), need_reply=True, fds=(fd,))
+        assert reply is not None and reply.payload == U64(1)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # refused fds are closed, not kept
+    os.close(w)
+    assert (s.vrings[0].kick_fd, s.vrings[0].call_fd, s.vrings[0].err_fd) == (-1, -1, -1)
+
+
+def test_signalling_a_saturated_eventfd_does_not_block(
+    session: tuple[BackendSession, RecordingHost],
+) -> None:
+    """The frontend owns its eventfds: one it filled up must not stall the queue thread."""
+    s, _ = session
+    negotiate(s)
+    call, err = os.eventfd(0), os.eventfd(0)  # blocking, as a hostile frontend may send them
+    peer_call, peer_err = os.dup(call), os.dup(err)
+    send(s, Request.SET_VRING_CALL, U64(0), fds=(call,))
+    send(s, Request.SET_VRING_ERR, U64(0), fds=(err,))
+    for fd in (peer_call, peer_err):
+        os.eventfd_write(fd, 0xFFFF_FFFF_FFFF_FFFE)  # the counter's maximum
+    s.vrings[0].signal_call()  # would block forever on a blocking eventfd
+    s.vrings[0].signal_err()
+    assert os.eventfd_read(peer_call) == 0xFFFF_FFFF_FFFF_FFFE
+    os.close(peer_call)
+    os.close(peer_err)
+    s.close()
+
+
 def test_config_read_and_writeback_toggle(
     session: tuple[BackendSession, RecordingHost], device: BlockDevice
 ) -> None:

@@ -14,6 +14,10 @@ From Python::
     res = run_guest(socket="/tmp/vblk.sock", workload="cat /sys/block/vda/size", timeout=180)
     res.rc, res.output, res.wall, parse_values(res.output)
 
+``on_line`` sees each console line as it arrives (the guest is still running), so a
+host can act on markers the workload prints, e.g. sample a backend's CPU time
+at ``@@JOB x start`` and ``@@JOB x end``.
+
 The workload runs with ``sh -e``; its exit status is ``res.rc``. Whatever goes
 wrong (QEMU fails to start, the guest never reaches the workload, the timeout
 expires and QEMU is killed), the tail of QEMU's console is printed to stderr.
@@ -31,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +79,7 @@ class GuestResult:
     console: str  # the whole serial console, for debugging
     wall: float
     values: dict[str, str] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)  # the QEMU command line
 
 
 def parse_values(text: str) -> dict[str, str]:
@@ -231,9 +237,11 @@ def qemu_command(
     smp: int = 1,
     mem: str = "512M",
     device_opts: str = "",
+    aio: str = "threads",
     reconnect: int = 0,
 ) -> list[str]:
-    """QEMU (TCG) with the guest's disk on a vhost-user socket, or on QEMU's own virtio-blk.
+    """QEMU (TCG) with the guest's disk on a vhost-user socket, or on QEMU's own virtio-blk
+    (O_DIRECT, ``aio`` = threads, native or io_uring).
 
     ``reconnect`` (seconds, 0 = never): QEMU redials a backend that went away, so
     the backend can be restarted under a running guest.
@@ -255,7 +263,7 @@ def qemu_command(
         ]  # fmt: skip
     elif image is not None:
         cmd += [
-            "-drive", f"file={image},if=none,id=d0,format=raw,cache=none,aio=threads",
+            "-drive", f"file={image},if=none,id=d0,format=raw,cache=none,aio={aio}",
             "-device", f"virtio-blk-pci,drive=d0,num-queues={num_queues}{opts}",
         ]  # fmt: skip
     else:
@@ -286,6 +294,8 @@ def run_guest(
     image: str | os.PathLike[str] | None = None,
     guest: Guest | None = None,
     alive: Callable[[], bool] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    aio: str = "threads",
     reconnect: int = 0,
 ) -> GuestResult:
     """Boot the guest against ``socket`` (or, as a baseline, QEMU's own virtio-blk on ``image``),
@@ -296,7 +306,13 @@ def run_guest(
     disk went away would hang until the timeout. Those, a QEMU that cannot start and a guest
     that never reaches the workload raise :class:`GuestError`. A workload that fails is not
     an error: its status is ``rc``, and QEMU's tail is printed to stderr for whoever reads
-    the failure. ``reconnect`` is passed to :func:`qemu_command`.
+    the failure.
+
+    ``on_line(line)`` is called from a reader thread for each console line (without its
+    line ending) while the guest runs; if it raises, the guest still runs to its end and
+    the first exception is raised afterwards. ``aio`` is the ``-drive`` aio mode for
+    ``image``. ``reconnect`` is passed to
+    :func:`qemu_command`.
     """
     guest = guest or build()
     extra = gzip.compress(_cpio([("workload.sh", 0o100755, workload.encode())]), 1)
@@ -306,7 +322,7 @@ def run_guest(
         cmd = qemu_command(
             guest, f.name, socket=None if socket is None else os.fspath(socket),
             image=None if image is None else os.fspath(image), num_queues=num_queues, smp=smp,
-            mem=mem, device_opts=extra_device_opts, reconnect=reconnect,
+            mem=mem, device_opts=extra_device_opts, aio=aio, reconnect=reconnect,
         )  # fmt: skip
         t0 = time.monotonic()
         # stdin is not the terminal: QEMU's stdio chardev would leave a tty in raw mode
@@ -314,11 +330,27 @@ def run_guest(
         p = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
+        chunks: list[bytes] = []
+        hook_errors: list[BaseException] = []
+
+        def pump() -> None:
+            # Lines, as they come; the pipe is always drained so QEMU never blocks on it.
+            assert p.stdout is not None
+            for raw in p.stdout:
+                chunks.append(raw)
+                if on_line is not None and not hook_errors:
+                    try:
+                        on_line(raw.decode(errors="replace").rstrip("\r\n"))
+                    except BaseException as e:  # re-raised once QEMU is done
+                        hook_errors.append(e)
+
+        reader = threading.Thread(target=pump, name="guest-console", daemon=True)
+        reader.start()
         why = ""
         try:
             while True:
                 try:
-                    out, _ = p.communicate(timeout=0.5)  # retrying loses no output
+                    p.wait(timeout=0.5)
                     break
                 except subprocess.TimeoutExpired:
                     if time.monotonic() - t0 > timeout:
@@ -327,16 +359,19 @@ def run_guest(
                         why = "the backend went away while the guest ran, QEMU killed"
                     if why:
                         p.kill()
-                        out, _ = p.communicate()
+                        p.wait()
                         break
         finally:
             if p.poll() is None:  # an exception (^C) while waiting: QEMU must not outlive us
                 p.kill()
                 p.wait()
+            reader.join()
         wall = time.monotonic() - t0
-    console = out.decode(errors="replace").replace("\r", "")
+    console = b"".join(chunks).decode(errors="replace").replace("\r", "")
     if why:
         raise _fail(why, console)
+    if hook_errors:
+        raise hook_errors[0]
     if BEGIN not in console:
         raise _fail(f"guest never ran the workload (QEMU exit status {p.returncode})", console)
     body = console.split(BEGIN, 1)[1].split(END, 1)[0]
@@ -345,7 +380,7 @@ def run_guest(
     rc = int(rcs[-1]) if rcs else 255
     if rc != 0:
         _fail(f"workload exited with status {rc}", console)
-    return GuestResult(rc, output, console, wall, parse_values(output))
+    return GuestResult(rc, output, console, wall, parse_values(output), cmd)
 
 
 def run(
@@ -383,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--mem", default="512M")
     r.add_argument("--timeout", type=float, default=180)
     r.add_argument("--device-opts", default="")
+    r.add_argument("--aio", default="threads", help="-drive aio mode with --image")
     r.add_argument(
         "--reconnect", type=int, default=0, help="seconds between QEMU's redials of the socket"
     )
@@ -395,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = run_guest(
             a.socket, Path(a.workload).read_text(), image=a.image, num_queues=a.num_queues,
             smp=a.smp, mem=a.mem, timeout=a.timeout, extra_device_opts=a.device_opts,
-            reconnect=a.reconnect,
+            aio=a.aio, reconnect=a.reconnect,
         )  # fmt: skip
     except GuestError as e:
         print(f"guest: error: {str(e).splitlines()[0]}", file=sys.stderr)

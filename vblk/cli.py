@@ -52,6 +52,16 @@ def _queue_size(text: str) -> int:
     return value
 
 
+def _poll_us(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1000000, got {value}")
+    return value
+
+
 def _io_threads(text: str) -> int:
     try:
         value = int(text)
@@ -59,6 +69,17 @@ def _io_threads(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if not 1 <= value <= 256:
         raise argparse.ArgumentTypeError(f"must be between 1 and 256, got {value}")
+    return value
+
+
+def _socket_mode(text: str) -> int:
+    """An octal permission mode such as 0660 (a leading 0o is accepted too)."""
+    digits = text.strip().lower().removeprefix("0o")
+    if not digits or digits.strip("01234567"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0600")
+    value = int(digits, 8)
+    if value > 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a permission mode in 0000..0777")
     return value
 
 
@@ -72,7 +93,7 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vblk.worker import ENGINES
+    from vblk.io.engines import ENGINES
 
     parser = _Parser(prog="vblk", description="The virtio-blk I/O stack in Python.")
     parser.add_argument("--version", action="version", version=f"vblk {__version__}")
@@ -85,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("image", metavar="IMAGE", help="raw image file or block device")
     serve.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    serve.add_argument(
+        "--socket-mode",
+        type=_socket_mode,
+        default=0o600,
+        metavar="OCTAL",
+        help="permission bits of the socket (default 0600: only its owner may connect)",
+    )
     serve.add_argument(
         "--num-queues",
         type=_positive_int,
@@ -106,18 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
     serve.add_argument(
-        "--io-engine",
+        "--aio",
         choices=ENGINES,
-        help="how one queue's requests overlap: sync runs them on the queue thread, uring "
-        "submits reads and writes to io_uring, threads uses a pool "
-        "(default uring with --direct where io_uring works, else sync)",
+        help="I/O engine: io_uring (batched submission; the default where the kernel allows "
+        "it), threads (a preadv/pwritev pool; the default elsewhere), sync (on the queue "
+        "thread, no overlap)",
     )
     serve.add_argument(
         "--io-threads",
         type=_io_threads,
         default=4,
         metavar="N",
-        help="pool size per queue for --io-engine threads (default 4)",
+        help="pool size per queue for --aio threads (default 4)",
+    )
+    serve.add_argument(
+        "--poll-us",
+        type=_poll_us,
+        default=0,
+        metavar="US",
+        help="adaptive polling: watch the avail ring up to US microseconds before sleeping "
+        "(default 0, off; costs CPU, pays off when the backend has a core to itself)",
     )
     _add_log_level(serve)
     serve.set_defaults(func=cmd_serve)
@@ -150,6 +186,7 @@ def _setup_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from vblk.blk.device import BlockDevice
     from vblk.io import uring
+    from vblk.io.engines import default_engine
     from vblk.io.image import Image
     from vblk.server import Server
 
@@ -169,13 +206,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         read_only=args.read_only,
         serial=args.serial,
     )
-    engine = args.io_engine
+    engine = args.aio
     if engine is None:
-        engine = "uring" if args.direct and uring.available() else "sync"
-    elif engine == "uring" and not uring.available():
-        raise UsageError("--io-engine uring: io_uring is not available here (kernel or seccomp)")
+        engine = default_engine()
+    elif engine == "io_uring" and not uring.available():
+        raise UsageError("--aio io_uring: io_uring is not available here (kernel or seccomp)")
     server = Server(
-        device, args.socket, num_queues=args.num_queues, engine=engine, io_threads=args.io_threads
+        device,
+        args.socket,
+        num_queues=args.num_queues,
+        engine=engine,
+        io_threads=args.io_threads,
+        poll_us=args.poll_us,
+        socket_mode=args.socket_mode,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -191,8 +234,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ", read-only" if device.read_only else "",
         ", O_DIRECT" if args.direct else "",
         args.num_queues,
-        f"I/O engine {engine}"
-        + (f" ({args.io_threads} threads each)" if engine == "threads" else ""),
+        f"--aio {engine}"
+        + (f" ({args.io_threads} threads each)" if engine == "threads" else "")
+        + (f", polling up to {args.poll_us} us" if args.poll_us else ""),
     )
     server.serve_forever()
     image.close()

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from vblk.blk.config import CONFIG_SIZE, BlkConfig
+from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
 from vblk.blk.defs import (
     HEADER_SIZE,
     ID_BYTES,
@@ -471,7 +471,14 @@ class Device:
                 raise ClientTimeout(f"connecting to {path} took over {timeout:g}s") from None
             except OSError as e:
                 raise Disconnected(f"cannot connect to {path}: {e.strerror}") from None
-            self._negotiate(num_queues, event_idx)
+            try:
+                self._negotiate(num_queues, event_idx)
+            except Disconnected as e:
+                # vblk serve hangs up at once on a frontend that comes second.
+                raise Disconnected(
+                    f"{path}: backend hung up during negotiation ({e}); "
+                    "is another frontend already attached?"
+                ) from None
             self._setup_memory(mem_size, num_queues, queue_size)
             self._start_queues(event_idx)
         except BaseException:
@@ -872,6 +879,21 @@ class Device:
         if not self.has(Feature.FLUSH):
             return
         self._raise(self._run(ReqType.FLUSH, 0, (), ()), "flush")
+
+    def set_writeback(self, enabled: bool) -> None:
+        """Switch the device's write cache (CONFIG_WCE) on or off.
+
+        With it off (writethrough), every write is durable once it completes,
+        without a flush. The config space is read back to confirm the change.
+        """
+        if not self.has(Feature.CONFIG_WCE):
+            raise UnsupportedRequest(
+                Status.UNSUPP, "set-writeback: device does not offer CONFIG_WCE"
+            )
+        self._set(Request.SET_CONFIG, Config(WRITEBACK_OFFSET, 1, 0, bytes([int(enabled)])))
+        self.config = self._read_config()
+        if bool(self.config.writeback) != enabled:
+            raise ProtocolError(f"backend left writeback at {self.config.writeback}")
 
     def get_id(self) -> str:
         """The device serial (GET_ID), NUL padding stripped."""

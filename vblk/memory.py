@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -153,13 +154,24 @@ def map_fd(fd: int, size: int, mmap_offset: int) -> tuple[memoryview, Callable[[
     """Map a shared memory fd read/write; returns the region's view and an unmapper.
 
     The whole prefix [0, mmap_offset+size) is mapped from file offset 0, as
-    libvhost-user does, because ``mmap_offset`` need not be page aligned. The
-    unmapper never raises: while views of the region are still alive (a ring
-    being torn down), Python refuses to unmap, so the mapping is left to the
-    garbage collector, which unmaps once the last view is gone.
+    libvhost-user does, because ``mmap_offset`` need not be page aligned. A
+    range past the fd's end is refused (ValueError). The unmapper never
+    raises: while views of the region are still alive (a ring being torn
+    down), Python refuses to unmap, so the mapping is left to the garbage
+    collector, which unmaps once the last view is gone.
     """
     if size <= 0 or mmap_offset < 0:
         raise ValueError(f"bad mapping: size {size:#x}, offset {mmap_offset:#x}")
+    # Touching a page past the end of the file would kill the process with
+    # SIGBUS, so the whole range must lie inside the fd (memfd, shm, hugetlbfs).
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        raise ValueError("guest memory fd is a block device")
+    if stat.S_ISREG(st.st_mode) and mmap_offset + size > st.st_size:
+        raise ValueError(
+            f"region of {size:#x} bytes at offset {mmap_offset:#x} runs past the end "
+            f"of its fd ({st.st_size:#x} bytes)"
+        )
     mm = mmap.mmap(
         fd, size + mmap_offset, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
     )

@@ -6,6 +6,11 @@ Everything that decides something lives in the sans-IO layers
 socket and the session, one frontend at a time, and starts a
 :class:`~vblk.worker.QueueWorker` thread per running queue, so a slow request
 on one queue never stalls another.
+
+Access: the socket is created with mode 0600 (``socket_mode``) before anyone
+can reach it; a second frontend that connects while one is attached is
+refused at once and the first is not disturbed; a socket file left by a
+crashed run is replaced only when nothing answers on it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import select
 import signal
 import socket
 import stat
+import tempfile
 import time
 
 from vblk.blk.device import BlockDevice
@@ -34,8 +40,13 @@ from vblk.worker import QueueWorker
 
 log = logging.getLogger(__name__)
 
-#: A frontend that starts a message must finish it within this time, or be dropped.
+#: A frontend that starts a message must finish it within this time, or be dropped;
+#: one that stops reading our replies is dropped after the same time.
 MESSAGE_TIMEOUT = 10.0
+#: Default permission bits of the socket: only its owner may connect.
+DEFAULT_SOCKET_MODE = 0o600
+#: How long the start-up probe of an existing socket waits for an answer.
+PROBE_TIMEOUT = 2.0
 #: Signals that stop ``vblk serve`` gracefully (handled on the main thread).
 SHUTDOWN_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
@@ -47,20 +58,21 @@ class ServeError(VblkError):
 class _ConnectionQueues:
     """The QueueHost of one connection: a worker per running ring."""
 
-    def __init__(self, device: BlockDevice, engine: str, io_threads: int) -> None:
+    def __init__(self, device: BlockDevice, engine: str, io_threads: int, poll_us: int) -> None:
         self.device = device
         self.engine = engine
         self.io_threads = io_threads
+        self.poll_us = poll_us
         self.workers: dict[int, QueueWorker] = {}
 
     def start_queue(self, vring: Vring) -> None:
-        worker = QueueWorker(vring, self.device, self.engine, self.io_threads)
-        self.workers[vring.index] = worker
-        # The queue thread, and the pool threads it starts, inherit a mask that blocks
+        # The queue thread, and the engine's pool threads, inherit a mask that blocks
         # the shutdown signals, so the kernel hands those to the main thread: the only
         # one that runs Python handlers, and it may sleep in poll() for a long time.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
         try:
+            worker = QueueWorker(vring, self.device, self.engine, self.io_threads, self.poll_us)
+            self.workers[vring.index] = worker
             worker.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -82,51 +94,56 @@ class Server:
         num_queues: int,
         engine: str = "sync",
         io_threads: int = 4,
+        poll_us: int = 0,
+        socket_mode: int = DEFAULT_SOCKET_MODE,
     ) -> None:
+        if not 0 <= socket_mode <= 0o777:
+            raise ServeError(f"socket mode {socket_mode:#o} is not a permission mode (0..0777)")
         self.device = device
         self.engine = engine
         self.io_threads = io_threads
+        self.poll_us = poll_us
         self.socket_path = socket_path
         self.num_queues = num_queues
         self._shutdown = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.listener = self._bind(socket_path)
+        self.listener = self._bind(socket_path, socket_mode)
+        st = os.lstat(socket_path)
+        self._identity = (st.st_dev, st.st_ino)  # close() removes only our own socket
+        self._attached = False
 
     @staticmethod
-    def _bind(path: str) -> socket.socket:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise ServeError(f"socket {path}: {e.strerror}") from None
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise ServeError(f"socket {path}: exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale socket left by a dead process
-            else:
-                raise ServeError(f"socket {path}: in use by another server")
-            finally:
-                probe.close()
-        # Bind under a temporary name and rename once listening: whoever sees
-        # the path (QEMU, a test waiting for it) can connect at once.
+    def _bind(path: str, mode: int) -> socket.socket:
+        """Listen on ``path`` with permission bits ``mode``.
+
+        The socket is bound in a private (0700) directory next to ``path``,
+        given its mode, and only then linked to ``path``: it is never
+        reachable with the umask's looser bits, and whoever sees the path
+        (QEMU, a test waiting for it) can connect at once.
+        """
+        stale = _probe_existing(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
+        sock.setblocking(False)  # accept() after poll() must never block
+        private = ""
         try:
+            private = tempfile.mkdtemp(prefix=".vblk-", dir=os.path.dirname(path) or ".")
+            tmp = os.path.join(private, "s")
             sock.bind(tmp)
+            os.chmod(tmp, mode)
             sock.listen(4)
-            os.rename(tmp, path)
+            if stale:
+                os.rename(tmp, path)  # atomically replaces the dead socket
+            else:
+                os.link(tmp, path)  # EEXIST if another server got there first
+        except FileExistsError:
+            sock.close()
+            raise ServeError(f"socket {path}: in use by another process") from None
         except OSError as e:
             sock.close()
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise ServeError(f"socket {path}: cannot listen: {e.strerror or e}") from None
+        finally:
+            if private:
+                _remove_private_dir(private)
         return sock
 
     def request_shutdown(self) -> None:
@@ -143,14 +160,19 @@ class Server:
                     break
                 try:
                     conn, _ = self.listener.accept()
+                except BlockingIOError:
+                    continue  # the peer gave up before we got to it
                 except OSError as e:
                     log.error("accept failed: %s", e)
                     time.sleep(0.1)
                     continue
+                conn.setblocking(True)
                 log.info("frontend connected")
+                self._attached = True
                 try:
                     self._serve_connection(conn)
                 finally:
+                    self._attached = False
                     conn.close()
                 log.info("frontend disconnected; listening again")
         finally:
@@ -159,7 +181,11 @@ class Server:
     def close(self) -> None:
         self.listener.close()
         try:
-            os.unlink(self.socket_path)
+            st = os.lstat(self.socket_path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.socket_path)
+            else:
+                log.warning("%s is no longer our socket; leaving it", self.socket_path)
         except FileNotFoundError:
             pass
         try:
@@ -170,11 +196,15 @@ class Server:
     def _wait_readable(self, fd: int, timeout: float | None = None) -> bool:
         """Block until ``fd`` is readable; False if shutdown came first.
 
-        With ``timeout`` (seconds), TimeoutError when it passes first.
+        With ``timeout`` (seconds), TimeoutError when it passes first. While a
+        frontend is attached, frontends connecting meanwhile are refused here.
         """
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(self._wake, select.POLLIN)
+        listener = self.listener.fileno()
+        if self._attached:
+            poller.register(listener, select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._shutdown:
             ms = None
@@ -186,12 +216,31 @@ class Server:
                 events = poller.poll(ms)
             except InterruptedError:
                 continue
-            if any(f == fd for f, _ in events):
-                return True
+            ready = {f for f, _ in events}
+            if fd in ready:
+                return True  # the attached frontend first: it may be hanging up
+            if self._attached and listener in ready and not _readable_now(fd):
+                # A frontend that closed before the newcomer connected has its EOF
+                # waiting on fd by now (checked after the listener, so no race):
+                # only a frontend that is still attached makes the newcomer second.
+                self._refuse_second_frontend()
         return False
 
+    def _refuse_second_frontend(self) -> None:
+        """Accept and close whoever connects while a frontend is attached.
+
+        vhost-user has one frontend per backend: a second one would reset the
+        rings of the first. Closing at once lets its connect fail fast.
+        """
+        try:
+            other, _ = self.listener.accept()
+        except OSError:
+            return
+        other.close()
+        log.warning("refused a second frontend: a frontend is already attached")
+
     def _serve_connection(self, conn: socket.socket) -> None:
-        queues = _ConnectionQueues(self.device, self.engine, self.io_threads)
+        queues = _ConnectionQueues(self.device, self.engine, self.io_threads, self.poll_us)
         session = BackendSession(
             self.device, queues, num_queues=self.num_queues, max_queue_size=self.device.queue_size
         )
@@ -207,7 +256,7 @@ class Server:
                 while (msg := reader.next()) is not None:
                     answer = session.handle(msg)
                     if answer is not None:
-                        _send(conn, answer)
+                        _send_reply(conn, answer)
         except ProtocolError as e:
             log.warning("dropping frontend: %s", e)
         except TimeoutError:
@@ -273,14 +322,72 @@ class Server:
             raise
 
 
-def _send(conn: socket.socket, msg: Message) -> None:
-    """One reply; its fds (GET_INFLIGHT_FD's memfd) ride with its first byte."""
-    data = encode(msg)
-    if msg.fds:
-        data = data[conn.sendmsg([data], pack_fds(msg.fds)) :]
-    if data:
-        conn.sendall(data)
-
-
 class _Shutdown(Exception):
     """Shutdown was requested while a message was half read."""
+
+
+def _send_reply(conn: socket.socket, msg: Message) -> None:
+    """Send a reply, its fds (GET_INFLIGHT_FD's memfd) with its first byte.
+
+    A frontend that stops reading replies is dropped, never waited on forever.
+    """
+    data = encode(msg)
+    conn.settimeout(MESSAGE_TIMEOUT)
+    try:
+        if msg.fds:
+            data = data[conn.sendmsg([data], pack_fds(msg.fds)) :]
+        if data:
+            conn.sendall(data)
+    except TimeoutError:
+        raise ProtocolError(
+            f"frontend has not read its replies for {MESSAGE_TIMEOUT:.0f}s"
+        ) from None
+    finally:
+        conn.settimeout(None)
+
+
+def _readable_now(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _remove_private_dir(private: str) -> None:
+    """Remove the bind directory and the temporary name in it (gone after a rename)."""
+    for remove, name in ((os.unlink, os.path.join(private, "s")), (os.rmdir, private)):
+        try:
+            remove(name)
+        except OSError:
+            pass
+
+
+def _probe_existing(path: str) -> bool:
+    """Check what is at ``path`` before listening there; True if it is a stale socket.
+
+    Nothing there: False. A socket that refuses connections (ECONNREFUSED:
+    its server is gone) is stale and may be replaced. Anything else, a file,
+    a live server, a socket we cannot probe, is a ServeError: never take a
+    path from someone who may still be using it.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise ServeError(f"socket {path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServeError(f"socket {path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(PROBE_TIMEOUT)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True  # left by a process that died without removing it
+    except TimeoutError:
+        raise ServeError(f"socket {path}: in use by another process (not answering)") from None
+    except OSError as e:
+        raise ServeError(f"socket {path}: exists and cannot be probed: {e.strerror}") from None
+    else:
+        raise ServeError(f"socket {path}: in use by another process")
+    finally:
+        probe.close()

@@ -13,12 +13,10 @@ import os
 import select
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from vblk.blk.device import BlockDevice, DataRequest, Stats
-from vblk.io.uring import OP_READV, OP_WRITEV, Uring
+from vblk.io.engines import ENGINES, make_engine
 from vblk.vhost_user.backend import Vring
-from vblk.virtio.queue import Chain
 
 log = logging.getLogger(__name__)
 
@@ -26,54 +24,57 @@ log = logging.getLogger(__name__)
 NOTIFY_BATCH = 16
 #: How long a stopping queue may take to finish its in-flight requests.
 STOP_TIMEOUT = 60.0
-#: The I/O engines a worker can use.
-ENGINES = ("sync", "uring", "threads")
+#: Adaptive polling starts at this window and doubles while it pays off (as QEMU's IOThreads).
+POLL_START_NS = 4_000
+
+__all__ = ["ENGINES", "QueueWorker"]
 
 
 class QueueWorker:
     """Drains one virtqueue on its own thread whenever the driver kicks it.
 
-    The I/O engine decides how one queue's requests overlap:
+    The I/O engine (:mod:`vblk.io.engines`) decides how one queue's reads and
+    writes overlap; everything else (pop, checks, the used ring, notification
+    suppression) stays on the queue thread, which reaps every completion
+    itself, so the used ring has one writer.
 
-    - ``sync``: the queue thread executes each request itself; the fastest
-      path when the page cache answers.
-    - ``uring``: reads and writes go to an io_uring, submitted in one syscall
-      per batch and completed when its eventfd fires, all on the queue
-      thread; what O_DIRECT on a real disk needs.
-    - ``threads``: a pool of ``io_threads`` threads executes requests;
-      completions go onto the used ring under a lock, as they finish in any
-      order.
-
-    The avail side (pop, notification suppression) always stays with the
-    queue thread.
+    ``poll_us`` > 0 turns on adaptive polling: before sleeping, the thread
+    watches the avail ring (and the engine) for up to that long, with guest
+    kicks suppressed. The window grows while events arrive within it and
+    collapses when they do not, so an idle queue costs no CPU.
     """
 
     def __init__(
-        self, vring: Vring, device: BlockDevice, engine: str = "sync", io_threads: int = 4
+        self,
+        vring: Vring,
+        device: BlockDevice,
+        engine: str = "sync",
+        io_threads: int = 4,
+        poll_us: int = 0,
     ) -> None:
         assert vring.queue is not None
         self.vring = vring
         self.queue = vring.queue
         self.device = device
-        self._pool = (
-            ThreadPoolExecutor(io_threads, thread_name_prefix=f"vblk-queue{vring.index}-io")
-            if engine == "threads"
-            else None
+        self.engine_name = engine
+        self.engine = make_engine(
+            engine,
+            queue_size=self.queue.size,
+            io_threads=io_threads,
+            direct=device.image.direct,
+            label=f"vblk-queue{vring.index}-io",
         )
-        self._uring = Uring(max(8, self.queue.size)) if engine == "uring" else None
-        self._inflight: dict[int, DataRequest] = {}
-        self._token = 0
-        self._used_lock = threading.Lock()
-        self._local = threading.local()
         self._stopping = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.poll_max_ns = max(0, poll_us) * 1000
+        self.poll_ns = 0
         # What the driver asked of us and what we asked of it: with EVENT_IDX
         # both kicks and interrupts stay well below the request count.
         self.kicks = 0
         self.interrupts = 0
         self.batches = 0
+        self.polled = 0  # wake-ups that polling saved
         self.stats = Stats()
-        self._pool_stats: list[Stats] = []
         self.thread = threading.Thread(
             target=self._run, name=f"vblk-queue{vring.index}", daemon=True
         )
@@ -82,23 +83,18 @@ class QueueWorker:
         self.thread.start()
 
     def stop(self) -> None:
-        """Finish the request in hand, signal its completion, and end the thread."""
+        """Finish the requests in hand, signal their completion, and end the thread."""
         self._stopping = True
         os.eventfd_write(self._wake, 1)
         self.thread.join(STOP_TIMEOUT)
         if self.thread.is_alive():
             log.error("queue %d did not stop within %.0fs", self.vring.index, STOP_TIMEOUT)
             return
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)  # in-flight requests complete and are signalled
-        if self._uring is not None:
-            self._uring.close()
+        self.engine.close()
         os.close(self._wake)
         st = self.stats
-        for other in self._pool_stats:
-            st.add(other)
         log.info(
-            "queue %d: %d requests in %d batches, %d kicks, %d interrupts; "
+            "queue %d: %d requests in %d batches, %d kicks, %d interrupts%s; "
             "%d MiB read, %d MiB written, %d flushes, %d discards, %d write-zeroes, "
             "%d IOERR, %d UNSUPP",
             self.vring.index,
@@ -106,6 +102,7 @@ class QueueWorker:
             self.batches,
             self.kicks,
             self.interrupts,
+            f", {self.polled} found by polling" if self.poll_max_ns else "",
             st.read_bytes >> 20,
             st.write_bytes >> 20,
             st.flushes,
@@ -120,21 +117,32 @@ class QueueWorker:
         poller = select.poll()
         poller.register(kick, select.POLLIN)
         poller.register(self._wake, select.POLLIN)
-        uring = self._uring
-        if uring is not None:
-            poller.register(uring.eventfd, select.POLLIN)
+        engine = self.engine
+        engine_fd = engine.fd
+        if engine_fd is not None:
+            poller.register(engine_fd, select.POLLIN)
+        now = time.monotonic_ns
         try:
             # Requests may already be waiting (a ring resumed after a restart).
             self._drain()
             while not self._stopping and self.queue.broken is None:
+                t0 = now()
+                if self.poll_ns and self._poll(t0 + self.poll_ns):
+                    self.polled += 1
+                    self._drain()
+                    continue
                 for fd, ev in poller.poll():
                     if fd == kick:
                         if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                             log.warning("queue %d: kick fd closed", self.vring.index)
                             return
                         self.kicks += os.eventfd_read(kick)
-                if uring is not None:
-                    self._reap()
+                    elif fd == engine_fd:
+                        engine.clear_signal()
+                if self.poll_max_ns:
+                    self._adapt(now() - t0)
+                if engine.inflight:
+                    self._complete()
                 if not self._stopping:
                     self._drain()
         except Exception:
@@ -142,130 +150,87 @@ class QueueWorker:
             self.queue.mark_broken("worker failed")
             self.vring.signal_err()
         finally:
-            if uring is not None:
-                self._finish_inflight(poller)
+            self._finish_inflight(poller)
+
+    def _poll(self, deadline: int) -> bool:
+        """Spin until the driver adds work or the engine completes some, or ``deadline``.
+
+        Kicks are off meanwhile (the guest saves its exits); True means there
+        is work, False that the window passed and kicks are back on.
+        """
+        q = self.queue
+        ready = self.engine.ready
+        now = time.monotonic_ns
+        q.disable_notifications()
+        while now() < deadline:
+            if q.avail_pending() or ready() or self._stopping:
+                return True
+        return q.enable_notifications()
+
+    def _adapt(self, block_ns: int) -> None:
+        """Grow the polling window when events come soon after it, drop it when they do not."""
+        if block_ns <= self.poll_ns:
+            return
+        if block_ns > self.poll_max_ns:
+            self.poll_ns = 0
+        elif self.poll_ns < self.poll_max_ns:
+            self.poll_ns = min(self.poll_max_ns, max(POLL_START_NS, self.poll_ns * 2))
 
     def _finish_inflight(self, poller: select.poll) -> None:
-        """Stopping: every request handed to io_uring completes and is signalled first."""
+        """Stopping: every request handed to the engine completes and is signalled first."""
         deadline = time.monotonic() + STOP_TIMEOUT
-        while self._inflight and time.monotonic() < deadline:
+        while self.engine.inflight and time.monotonic() < deadline:
             poller.poll(100)
-            self._reap()
-        if self._inflight:
+            self.engine.clear_signal()
+            self._complete()
+        if self.engine.inflight:
             log.error(
-                "queue %d: %d requests never completed", self.vring.index, len(self._inflight)
+                "queue %d: %d requests never completed", self.vring.index, self.engine.inflight
             )
 
-    def _submit(self, data: DataRequest) -> None:
-        """Hand one read/write to io_uring (the queue thread only)."""
-        uring = self._uring
-        assert uring is not None
-        while uring.space == 0:  # cannot happen with entries >= queue size; be safe anyway
-            uring.submit()
-            select.select([uring.eventfd], [], [], 1.0)
-            self._reap()
-        self._token = token = (self._token + 1) & 0xFFFFFFFFFFFF
-        op = OP_WRITEV if data.write else OP_READV
-        uring.prep_rw(op, self.device.image.fd, data.bufs, data.offset, token)
-        self._inflight[token] = data
-
-    def _reap(self) -> None:
-        """Complete what io_uring finished: status byte, used ring, one interrupt per batch."""
-        uring = self._uring
-        assert uring is not None
-        uring.drain_eventfd()
-        done = uring.reap()
-        if not done:
-            return
+    def _complete(self) -> None:
+        """Reap the engine: status bytes, used ring, and an interrupt if the driver wants one."""
         q = self.queue
         finish = self.device.finish
         stats = self.stats
-        for token, res in done:
-            data = self._inflight.pop(token, None)
-            if data is None:
-                continue
+        for data, res in self.engine.reap():
+            assert isinstance(data, DataRequest)
             q.push(data.head, finish(data, res, stats))
         if q.should_notify():
-            self._notify()
-
-    def _notify(self) -> None:
-        self.interrupts += 1
-        self.vring.signal_call()
-
-    def _pool_stats_of_thread(self) -> Stats:
-        st: Stats | None = getattr(self._local, "stats", None)
-        if st is None:
-            st = self._local.stats = Stats()
-            with self._used_lock:
-                self._pool_stats.append(st)
-        return st
-
-    def _execute(self, chain: Chain) -> None:
-        """On a pool thread: run one request and publish its completion."""
-        q = self.queue
-        try:
-            written = self.device.handle(chain, self._pool_stats_of_thread())
-        except Exception:
-            log.exception("queue %d: request %d failed", self.vring.index, chain.head)
-            written = None
-        with self._used_lock:
-            if written is None:
-                q.mark_broken(f"request {chain.head} has no status byte: {chain.error}")
-                log.error("queue %d is broken: %s", self.vring.index, q.broken)
-                self.vring.signal_err()
-                return
-            q.push(chain.head, written)
-            if q.should_notify():
-                self._notify()
-
-    def _pop_locked(self) -> Chain | None:
-        """pop() for the threads engine with inflight tracking: pool threads push meanwhile.
-
-        A push publishes used->idx and only then clears its head's inflight mark;
-        the guest may reuse that head at once, and marking it again must not land
-        between the two, or the mark would be lost.
-        """
-        with self._used_lock:
-            return self.queue.pop()
+            self.interrupts += 1
+            self.vring.signal_call()
 
     def _drain(self) -> None:
+        """Pop until the ring is empty with kicks re-enabled, or the queue stops."""
         q = self.queue
-        handle = self.device.handle
+        start = self.device.start
+        engine = self.engine
+        submit = engine.submit
+        image_fd = self.device.image.fd
         stats = self.stats
         self.batches += 1
-        pool = self._pool
-        uring = self._uring
-        pop = self._pop_locked if pool is not None and q.tracks_inflight else q.pop
         while True:
             q.disable_notifications()
-            done = 0
+            n = 0
             while not self._stopping:
-                chain = pop()
+                chain = q.pop()
                 if chain is None:
                     break
-                if pool is not None:
-                    pool.submit(self._execute, chain)
-                    continue
-                if uring is not None:
-                    started = self.device.start(chain, stats)
-                    if isinstance(started, DataRequest):
-                        self._submit(started)
-                        continue
-                    written = started
-                else:
-                    written = handle(chain, stats)
-                if written is None:
+                started = start(chain, stats)
+                if isinstance(started, DataRequest):
+                    submit(image_fd, started.write, started.bufs, started.offset, started)
+                elif started is None:
                     q.mark_broken(f"request {chain.head} has no status byte: {chain.error}")
                     break
-                q.push(chain.head, written)
-                done += 1
-                if done % NOTIFY_BATCH == 0 and q.should_notify():
-                    self._notify()
-            if uring is not None:
-                uring.submit()
-                self._reap()  # cached data completes at once: answer it in this batch
-            if pool is None and q.should_notify():
-                self._notify()
+                else:
+                    q.push(chain.head, started)
+                n += 1
+                if n % NOTIFY_BATCH == 0:
+                    # A long batch: let the first requests start and finish early.
+                    engine.commit()
+                    self._complete()
+            engine.commit()
+            self._complete()
             if q.broken is not None:
                 log.error("queue %d is broken: %s", self.vring.index, q.broken)
                 self.vring.signal_err()

@@ -42,7 +42,7 @@ pytestmark = [
 NUM_QUEUES = 2
 #: Engines the generations take in turn: out-of-order completion (threads, uring) and
 #: in-order (sync). Three, against two signals taking turns, so each signal meets each engine.
-ENGINES = ("threads", "sync", "uring" if uring.available() else "threads")
+ENGINES = ("threads", "sync", "io_uring" if uring.available() else "threads")
 #: Requests a generation must have completed before it may be killed (~25 MiB of fio's).
 CI_DONE_BEFORE_KILL = 700
 #: How long to look for a moment with requests in flight before signalling anyway.
@@ -172,7 +172,7 @@ class Restarter:
             self.socket,
             self.tmp / f"restart-{n}.log",
             num_queues=NUM_QUEUES,
-            extra=("--io-engine", engine),
+            extra=("--aio", engine),
         )
         self.generations.append(b)
         return b

@@ -32,6 +32,10 @@ from vblk.virtio.queue import Chain
 
 log = logging.getLogger(__name__)
 
+# Plain ints for the per-request path: enum member lookups cost more than the work.
+_IN, _OUT, _GET_ID = int(ReqType.IN), int(ReqType.OUT), int(ReqType.GET_ID)
+_OK, _IOERR, _UNSUPP = int(Status.OK), int(Status.IOERR), int(Status.UNSUPP)
+
 _SEGMENT = struct.Struct("<QII")
 
 #: Per-request cap on discard and write-zeroes (32 MiB), like QEMU's export.
@@ -145,9 +149,13 @@ class BlockDevice:
         if offset != WRITEBACK_OFFSET or len(data) != 1 or data[0] > 1:
             return False
         with self._wce_lock:
-            if self.config.writeback and not data[0]:
-                self.image.flush()  # switching to writethrough: nothing cached may be lost
+            was = self.config.writeback
             self.config.writeback = data[0]
+            if was and not data[0]:
+                # Switching to writethrough: flush what is cached. After the
+                # switch, so a write that saw writeback on (and skipped its own
+                # flush) has already written, and this flush covers it.
+                self.image.flush()
         log.info("write cache %s", "enabled (writeback)" if data[0] else "disabled (writethrough)")
         return True
 
@@ -189,9 +197,9 @@ class BlockDevice:
             e.status_buf[0] = e.status
             return 1
         try:
-            data = self._data_request(req, chain.head)
-            if data is not None:
-                return data
+            t = req.type
+            if t == _IN or t == _OUT:
+                return self._data_request(req, chain.head)
             status = self._execute(req, stats)
         except RequestError as e:
             log.warning("request type %d sector %d: %s", req.type, req.sector, e.reason)
@@ -204,6 +212,16 @@ class BlockDevice:
     def finish(self, data: DataRequest, result: int, stats: Stats) -> int:
         """Complete a read or write whose I/O moved ``result`` bytes (or failed with -errno)."""
         req = data.req
+        if result == data.nbytes and not self.trace:
+            # The common case, kept short: all bytes moved, nothing to log or flush.
+            if not data.write:
+                stats.read_bytes += result
+                req.status[0] = _OK
+                return result + 1
+            if self.config.writeback:
+                stats.write_bytes += result
+                req.status[0] = _OK
+                return 1
         status = Status.OK
         try:
             if 0 <= result < data.nbytes:
@@ -252,21 +270,19 @@ class BlockDevice:
             return min(req.in_len, ID_BYTES) + 1
         return 1
 
-    def _data_request(self, req: BlkRequest, head: int) -> DataRequest | None:
-        """The checked I/O of an IN or OUT request; None for other types."""
-        if req.type == ReqType.IN:
+    def _data_request(self, req: BlkRequest, head: int) -> DataRequest:
+        """The checked I/O of an IN (else OUT) request."""
+        if req.type == _IN:
             if req.out_len:
                 raise self._fail("IN request carries device-readable data")
             offset = self._check_range(req.sector, req.in_len)
             return DataRequest(req, head, False, offset, req.in_, req.in_len)
-        if req.type == ReqType.OUT:
-            if req.in_len:
-                raise self._fail("OUT request carries device-writable data")
-            if self.read_only:
-                raise self._fail("write to a read-only disk")
-            offset = self._check_range(req.sector, req.out_len)
-            return DataRequest(req, head, True, offset, req.out, req.out_len)
-        return None
+        if req.in_len:
+            raise self._fail("OUT request carries device-writable data")
+        if self.read_only:
+            raise self._fail("write to a read-only disk")
+        offset = self._check_range(req.sector, req.out_len)
+        return DataRequest(req, head, True, offset, req.out, req.out_len)
 
     def _fail(self, reason: str, status: Status = Status.IOERR) -> RequestError:
         return RequestError(reason, status, None)
@@ -343,6 +359,8 @@ class BlockDevice:
             else:
                 self.image.discard(offset, length)
                 stats.discards += 1
+        if zero and segments and not self.config.writeback:
+            self.image.flush()  # writethrough: zeroes are data, durable before completion
 
 
 def _type_name(rtype: int) -> str:

@@ -82,12 +82,4 @@ def parse_request(chain: Chain) -> BlkRequest:
     last = writable[-1]
     if len(last) > 1:
         in_.append(last[:-1])
-    return BlkRequest(
-        type=rtype,
-        sector=sector,
-        out=out,
-        out_len=sum(len(b) for b in out),
-        in_=in_,
-        in_len=sum(len(b) for b in in_),
-        status=status,
-    )
+    return BlkRequest(rtype, sector, out, sum(map(len, out)), in_, sum(map(len, in_)), status)

@@ -19,9 +19,12 @@ from collections.abc import Sequence
 _SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
 _FEAT_SINGLE_MMAP = 1
+_FEAT_RW_CUR_POS = 8  # arrived with READ/WRITE (Linux 5.6): the sign they are there
 _ENTER_GETEVENTS = 1
 _REGISTER_EVENTFD = 4
 OP_READV, OP_WRITEV = 1, 2
+OP_READ, OP_WRITE = 22, 23  # one buffer, no iovec array (Linux 5.6)
+_SINGLE = {OP_READV: OP_READ, OP_WRITEV: OP_WRITE}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -49,7 +52,13 @@ def _check(ret: int, what: str) -> int:
 
 
 def address_of(view: memoryview) -> int:
-    """The address of a writable memoryview's first byte (guest memory is mapped read/write)."""
+    """The address of a writable memoryview's first byte (guest memory is mapped read/write).
+
+    Empty views get 0: a guest may hand us a zero-length descriptor, and the
+    kernel never touches a zero-length iovec.
+    """
+    if not len(view):
+        return 0
     return int(ctypes.addressof(ctypes.c_char.from_buffer(view)))
 
 
@@ -73,6 +82,7 @@ class Uring:
         except BaseException:
             os.close(self.fd)
             raise
+        self._single = bool(features & _FEAT_RW_CUR_POS)
         ring = memoryview(self._ring)
         self._u32 = ring.cast("I")  # every ring field is a u32 at a 4-byte aligned offset
         self._sq_head, self._sq_tail = sq_off[0] // 4, sq_off[1] // 4
@@ -86,8 +96,8 @@ class Uring:
         self.entries: int = sq_entries
         self._tail: int = self._u32[self._sq_tail]
         self._pending = 0  # SQEs written but not yet handed to the kernel
-        # user_data -> the iovec array and the buffers it points into, alive until the CQE.
-        self._iovecs: dict[int, tuple[ctypes.Array[Iovec], Sequence[memoryview]]] = {}
+        # user_data -> the iovec array (if any) and the buffers, alive until the CQE.
+        self._iovecs: dict[int, tuple[ctypes.Array[Iovec] | None, Sequence[memoryview]]] = {}
         self.eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         efd = ctypes.c_int(self.eventfd)
         _check(
@@ -104,18 +114,29 @@ class Uring:
     def prep_rw(
         self, op: int, fd: int, bufs: Sequence[memoryview], offset: int, user_data: int
     ) -> None:
-        """Queue a READV/WRITEV of ``bufs`` at ``offset``; ``user_data`` comes back in its CQE."""
+        """Queue a READV/WRITEV of ``bufs`` at ``offset``; ``user_data`` comes back in its CQE.
+
+        A single buffer goes as a plain READ/WRITE: no iovec array to build,
+        which is most of this method's cost.
+        """
         if self.space <= 0:
             raise UringError(0, "submission queue full")
-        iov = (Iovec * len(bufs))()
-        for i, b in enumerate(bufs):
-            iov[i].base = address_of(b)
-            iov[i].len = len(b)
-        self._iovecs[user_data] = (iov, bufs)
+        if len(bufs) == 1 and self._single:
+            b = bufs[0]
+            addr, n = address_of(b), len(b)
+            op = _SINGLE.get(op, op)
+            self._iovecs[user_data] = (None, bufs)
+        else:
+            iov = (Iovec * len(bufs))()
+            for i, b in enumerate(bufs):
+                iov[i].base = address_of(b)
+                iov[i].len = len(b)
+            self._iovecs[user_data] = (iov, bufs)
+            addr, n = ctypes.addressof(iov), len(bufs)
         index = self._tail & self._sq_mask
         _SQE.pack_into(
             self._sqe_view, index * _SQE.size,
-            op, 0, 0, fd, offset, ctypes.addressof(iov), len(bufs), 0, user_data, 0, 0, 0, 0, 0,
+            op, 0, 0, fd, offset, addr, n, 0, user_data, 0, 0, 0, 0, 0,
         )  # fmt: skip
         self._u32[self._sq_array + index] = index
         self._tail = (self._tail + 1) & 0xFFFFFFFF
@@ -141,13 +162,20 @@ class Uring:
         if head == tail:
             return out
         view, mask, base = self._ring_view, self._cq_mask, self._cqes
+        iovecs = self._iovecs
+        unpack = _CQE.unpack_from
         while head != tail:
-            user_data, res, _ = _CQE.unpack_from(view, base + (head & mask) * _CQE.size)
-            self._iovecs.pop(user_data, None)
+            user_data, res, _ = unpack(view, base + (head & mask) * 16)
+            iovecs.pop(user_data, None)
             out.append((user_data, res))
             head = (head + 1) & 0xFFFFFFFF
         u32[self._cq_head] = head
         return out
+
+    def cq_ready(self) -> bool:
+        """Whether completions wait in the CQ ring (two loads, no syscall)."""
+        u32 = self._u32
+        return bool(u32[self._cq_head] != u32[self._cq_tail])
 
     def drain_eventfd(self) -> None:
         try:

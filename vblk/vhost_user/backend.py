@@ -109,12 +109,12 @@ class Vring:
         """Interrupt the driver; the lock keeps SET_VRING_CALL from closing the fd under us."""
         with self._call_lock:
             if self.call_fd >= 0:
-                os.eventfd_write(self.call_fd, 1)
+                _signal(self.call_fd)
 
     def signal_err(self) -> None:
         with self._call_lock:
             if self.err_fd >= 0:
-                os.eventfd_write(self.err_fd, 1)
+                _signal(self.err_fd)
 
     def set_call_fd(self, fd: int) -> None:
         with self._call_lock:
@@ -131,6 +131,21 @@ class Vring:
         self.kick_fd = -1
         self.set_call_fd(-1)
         self.set_err_fd(-1)
+
+
+def _signal(fd: int) -> None:
+    """Add one to a (non-blocking) eventfd; a saturated counter already means "signalled"."""
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return True  # no /proc to ask: trust the frontend, as every backend does
 
 
 def _close(fd: int) -> None:
@@ -483,8 +498,15 @@ class BackendSession:
             return vring, -1
         if len(msg.fds) != 1:
             raise _Reject(f"expected one fd, got {len(msg.fds)}")
-        self._kept.add(msg.fds[0])
-        return vring, msg.fds[0]
+        fd = msg.fds[0]
+        # Kick/call/err fds are eventfds (QEMU's are non-blocking too). Anything
+        # else, or a blocking eventfd the frontend filled up, could hang a queue
+        # thread in read() or write(), so refuse the one and unblock the other.
+        if not _is_eventfd(fd):
+            raise _Reject(f"queue {vring.index}: the fd is not an eventfd")
+        os.set_blocking(fd, False)
+        self._kept.add(fd)
+        return vring, fd
 
     def _set_vring_kick(self, msg: Message) -> None:
         vring, fd = self._fd_arg(msg)

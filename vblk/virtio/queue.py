@@ -337,6 +337,12 @@ class DeviceQueue:
                 pass
         return chain
 
+    def avail_pending(self) -> bool:
+        """Whether the driver has published chains we have not popped (one load; for polling)."""
+        if self.broken is not None:
+            return False
+        return get16(self._avail, 1) != self.last_avail_idx
+
     # -- completing requests -----------------------------------------------------
 
     def push(self, head: int, written: int) -> None:
