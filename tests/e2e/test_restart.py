@@ -9,7 +9,8 @@ taken from the rings and not completed; the guest must see no I/O error.
 Signals are aimed: the backend is frozen with SIGSTOP, its inflight region
 read from /proc/PID/mem, and the signal sent before it thaws. After a SIGKILL
 the next process must resubmit exactly the requests read; after a SIGTERM
-nothing, since a graceful stop completes what is in flight. A few tries look for a moment with requests in flight; if none comes,
+nothing, since a graceful stop completes what is in flight. For up to half a
+second the test looks for a moment with requests in flight; if none comes,
 the signal goes ahead anyway.
 
 ``VBLK_SOAK=1`` (``VBLK_SOAK_SECONDS``, default 300) runs the same for
@@ -40,7 +41,7 @@ pytestmark = [
 ]
 
 NUM_QUEUES = 2
-#: Engines the generations take in turn: out-of-order completion (threads, uring) and
+#: Engines the generations take in turn: out-of-order completion (threads, io_uring) and
 #: in-order (sync). Three, against two signals taking turns, so each signal meets each engine.
 ENGINES = ("threads", "sync", "io_uring" if uring.available() else "threads")
 #: Requests a generation must have completed before it may be killed (~25 MiB of fio's).
@@ -220,9 +221,9 @@ def run_with_restarts(
     done_before_kill: int,
     interval: tuple[float, float] = (0.0, 0.0),
 ) -> Run:
-    """Boot the guest on a restartable backend and kill it per ``plan`` (None: forever,
-    alternating SIGKILL and SIGTERM) once each generation completed ``done_before_kill`` requests
-    and at least ``interval`` seconds passed."""
+    """Boot the guest on a restartable backend and signal it per ``plan`` (None: until
+    the guest is done, SIGKILL and SIGTERM in turn) once each generation has completed
+    ``done_before_kill`` requests and lived a random time within ``interval`` seconds."""
     image = make_image(tmp / "restart.img", 1 << 30)
     r = Restarter(tmp, image)
     out: dict[str, guest_tool.GuestResult] = {}
