@@ -471,6 +471,48 @@ def test_zero_length_data_descriptor_is_served_by_every_engine(tmp_path: Path, e
     assert "worker failed" not in log, log
 
 
+def test_frontend_that_stops_reading_replies_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that floods requests and never reads the answers cannot wedge the server."""
+    import threading
+
+    from vblk import server as server_mod
+    from vblk.blk.device import BlockDevice
+    from vblk.io.image import Image
+
+    monkeypatch.setattr(server_mod, "MESSAGE_TIMEOUT", 0.5)
+    img_path = tmp_path / "f.img"
+    Image.create(str(img_path), 1 << 20)
+    image = Image(str(img_path))
+    srv = server_mod.Server(BlockDevice(image), str(tmp_path / "f.sock"), num_queues=1)
+    thread = threading.Thread(target=srv.serve_forever)
+    thread.start()
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(tmp_path / "f.sock"))
+        s.setblocking(False)
+        flood = encode(request(Request.GET_FEATURES)) * 4096
+        deadline = time.monotonic() + 30
+        dropped = False
+        while not dropped and time.monotonic() < deadline:
+            try:
+                s.send(flood)
+            except BlockingIOError:
+                time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                dropped = True
+        s.close()
+        assert dropped, "the server kept a frontend that never reads"
+        assert any("has not read its replies" in r.getMessage() for r in caplog.records)
+        still_serves_one(tmp_path / "f.sock")
+    finally:
+        srv.request_shutdown()
+        thread.join(30)
+        image.close()
+    assert not thread.is_alive()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_any_thread_takes_still_stops_the_server(tmp_path: Path, sig: int) -> None:
     """Queue threads must not swallow SIGTERM/SIGINT while the main thread sleeps in poll.

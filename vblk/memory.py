@@ -74,7 +74,6 @@ class GuestMemory:
             raise GuestMemoryError(f"region at gpa {gpa:#x} has size {size}")
         if gpa < 0 or uaddr < 0:
             raise GuestMemoryError(f"region gpa {gpa:#x} / uaddr {uaddr:#x} is negative")
-        view = _as_bytes(buf, size)
         for r in self._regions:
             if gpa < r.gpa + r.size and r.gpa < gpa + size:
                 raise GuestMemoryError(
@@ -84,7 +83,9 @@ class GuestMemory:
                 raise GuestMemoryError(
                     f"region uaddr {uaddr:#x}+{size:#x} overlaps uaddr {r.uaddr:#x}+{r.size:#x}"
                 )
-        region = Region(gpa, size, uaddr, view)
+        # Only now take a view: a refused region leaves no export behind, so its
+        # mapping can be closed at once.
+        region = Region(gpa, size, uaddr, _as_bytes(buf, size))
         self._regions.append(region)
         self._regions.sort(key=lambda r: r.gpa)
         self._closers[id(region)] = close

@@ -40,6 +40,7 @@ from vblk.vhost_user.codec import (
     U64,
     Config,
     Empty,
+    Inflight,
     MemRegion,
     MemRegionMsg,
     MemTable,
@@ -59,6 +60,7 @@ from vblk.vhost_user.defs import (
     Request,
 )
 from vblk.virtio import defs as vdefs
+from vblk.virtio.inflight import queue_region_size, region_size
 
 MEM = 1 << 20
 GPA = 0x1_0000_0000
@@ -116,10 +118,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 # -- what a hostile frontend sends -------------------------------------------------------
 
-_FD_KINDS = ["mem", "small", "event", "pipe", "sock", "devnull", "dir"]
+_FD_KINDS = ["mem", "small", "event", "pipe", "sock", "devnull", "dir", "inflight"]
+INFLIGHT_SIZE = region_size(2, QSIZE)
 
 
-def _make_fd(kind: str) -> int:
+def _make_fd(kind: str, inflight: bytes = b"") -> int:
+    if kind == "inflight":  # sealable, as QEMU's; its content is what a crashed backend left
+        fd = os.memfd_create("fuzz-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, INFLIGHT_SIZE)
+        os.pwrite(fd, inflight[:INFLIGHT_SIZE], 0)
+        return fd
     if kind in ("mem", "small"):
         fd = os.memfd_create(f"fuzz-{kind}", os.MFD_CLOEXEC)
         os.ftruncate(fd, MEM if kind == "mem" else 4096)
@@ -142,10 +150,12 @@ def _make_fd(kind: str) -> int:
 def _prefix(uaddr: int, features: int) -> list[tuple[int, Payload, tuple[str, ...]]]:
     msgs: list[tuple[int, Payload, tuple[str, ...]]] = [
         (Request.GET_FEATURES, Empty(), ()),
-        (Request.SET_PROTOCOL_FEATURES, U64(1 << ProtocolFeature.REPLY_ACK | 1 << 9 | 1), ()),
+        (Request.SET_PROTOCOL_FEATURES, U64(PROTOCOL_FEATURES), ()),
         (Request.SET_OWNER, Empty(), ()),
         (Request.SET_FEATURES, U64(features), ()),
         (Request.SET_MEM_TABLE, MemTable((MemRegion(GPA, MEM, uaddr, 0),)), ("mem",)),
+        (Request.GET_INFLIGHT_FD, Inflight(0, 0, 2, QSIZE), ()),
+        (Request.SET_INFLIGHT_FD, Inflight(INFLIGHT_SIZE, 0, 2, QSIZE), ("inflight",)),
     ]
     lay = vdefs.ring_layout(QSIZE)
     for i in range(2):
@@ -165,7 +175,36 @@ def _prefix(uaddr: int, features: int) -> list[tuple[int, Payload, tuple[str, ..
     return msgs
 
 
+PROTOCOL_FEATURES = sum(
+    1 << f
+    for f in (
+        ProtocolFeature.MQ,
+        ProtocolFeature.REPLY_ACK,
+        ProtocolFeature.CONFIG,
+        ProtocolFeature.INFLIGHT_SHMFD,
+    )
+)
 PREFIX_LEN = len(_prefix(0, 0))
+
+
+@st.composite
+def _crashed_region(draw: st.DrawFn) -> bytes:
+    """An inflight region as a backend that died mid-request leaves it (or a liar forges it)."""
+    region = bytearray(INFLIGHT_SIZE)
+    part = queue_region_size(QSIZE)
+    for q in range(2):
+        version = draw(st.sampled_from([1, 1, 7]))
+        desc_num = draw(st.sampled_from([QSIZE, QSIZE, 8]))
+        last = draw(st.sampled_from([0, QSIZE - 1, QSIZE, 0xFFFF]))
+        used = draw(st.sampled_from([0, 0, 3, 0xFFFF]))
+        struct.pack_into("<QHHHH", region, q * part, 0, version, desc_num, last, used)
+        for head in draw(st.lists(st.integers(0, QSIZE - 1), max_size=6)):
+            off = q * part + 16 + 16 * head
+            region[off] = draw(st.sampled_from([1, 1, 3]))
+            struct.pack_into("<Q", region, off + 8, draw(st.integers(0, 2**64 - 1)))
+    return bytes(region)
+
+
 UADDR = 0x7F55_0000_0000  # the frontend's address of the region (any value will do)
 
 _index = st.sampled_from([0, 1, 2, 255, 256, 2**32 - 1])
@@ -233,6 +272,16 @@ _message = st.one_of(
             st.sampled_from([b"", b"\0", b"\1", bytes(8), bytes(256)]),
         ),
     ),
+    st.tuples(
+        st.sampled_from([Request.GET_INFLIGHT_FD, Request.SET_INFLIGHT_FD]),
+        st.builds(
+            Inflight,
+            st.sampled_from([0, INFLIGHT_SIZE, INFLIGHT_SIZE - 1, 2**40, 2**64 - 1]),
+            st.sampled_from([0, 64, 2**63]),
+            st.sampled_from([0, 1, 2, 3, 0xFFFF]),
+            st.sampled_from([0, 1, QSIZE, 100, 1024, 0xFFFF]),
+        ),
+    ),
     st.tuples(st.sampled_from([0, 41, 999]), st.binary(max_size=16).map(Raw)),
 )
 _raw = st.one_of(
@@ -279,22 +328,30 @@ _action = st.one_of(
 @given(
     prefix_len=st.one_of(st.just(PREFIX_LEN), st.integers(0, PREFIX_LEN)),
     actions=st.lists(_action, max_size=8),
+    inflight=st.one_of(
+        st.just(b""), st.binary(min_size=INFLIGHT_SIZE, max_size=INFLIGHT_SIZE), _crashed_region()
+    ),
 )
 def test_hostile_frontends_never_take_the_server_down(
-    server: Server, prefix_len: int, actions: list[tuple[object, ...]]
+    server: Server, prefix_len: int, actions: list[tuple[object, ...]], inflight: bytes
 ) -> None:
     with case("live-server"):
-        dropped = hostile_connection(server, prefix_len, actions)
+        dropped = hostile_connection(server, prefix_len, actions, inflight)
         event("server dropped the frontend" if dropped else "server kept the frontend")
         section = wait_for_disconnect(server)
         assert server.proc.poll() is None, "the server died"
         assert not CRASHES.search(section), section
         if dropped:
             assert REASONS.search(section), f"dropped without a logged reason:\n{section}"
+        for what in ("inflight recovered", "inflight fresh", "resubmitting"):
+            if what in section:
+                event(f"server log: {what}")
         good_client_round_trip(server)
 
 
-def hostile_connection(server: Server, prefix_len: int, actions: list[tuple[object, ...]]) -> bool:
+def hostile_connection(
+    server: Server, prefix_len: int, actions: list[tuple[object, ...]], inflight: bytes
+) -> bool:
     """Run one hostile connection; True if the server hung up on us."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
@@ -308,7 +365,7 @@ def hostile_connection(server: Server, prefix_len: int, actions: list[tuple[obje
             for req, payload, kinds in _prefix(UADDR, 0)[:prefix_len]:
                 if req == Request.SET_FEATURES:
                     payload = U64(features)
-                fds = [_make_fd(k) for k in kinds]
+                fds = [_make_fd(k, inflight) for k in kinds]
                 if req == Request.SET_MEM_TABLE:
                     guest = mmap.mmap(fds[0], MEM)
                 if req == Request.SET_VRING_KICK:
@@ -316,15 +373,17 @@ def hostile_connection(server: Server, prefix_len: int, actions: list[tuple[obje
                 send(s, encode(Message(req, FLAG_VERSION, payload)), fds)
                 if req == Request.GET_FEATURES:
                     features = read_u64(s)
+                elif req == Request.GET_INFLIGHT_FD:
+                    read_reply(s, 24)  # its memfd is dropped with the ancillary data
             for action in actions:
                 if action[0] == "msg":
                     (req, payload), kinds, need_reply = action[1], action[2], action[3]  # type: ignore[misc]
                     flags = FLAG_VERSION | (FLAG_NEED_REPLY if need_reply else 0)
-                    fds = [_make_fd(k) for k in kinds]  # type: ignore[union-attr]
+                    fds = [_make_fd(k, inflight) for k in kinds]  # type: ignore[union-attr]
                     send(s, encode(Message(req, flags, payload)), fds)
                 elif action[0] == "raw":
                     (_, data), kinds = action[1], action[2]  # type: ignore[misc]
-                    send(s, data, [_make_fd(k) for k in kinds])  # type: ignore[union-attr]
+                    send(s, data, [_make_fd(k, inflight) for k in kinds])  # type: ignore[union-attr]
                 elif guest is not None and action[1] in kicks:
                     event("garbage chains kicked into a running ring")
                     garbage_chains(guest, kicks[action[1]], *action[1:])  # type: ignore[arg-type]
@@ -350,14 +409,18 @@ def send(s: socket.socket, data: bytes, fds: list[int]) -> None:
             os.close(fd)
 
 
-def read_u64(s: socket.socket) -> int:
+def read_reply(s: socket.socket, size: int) -> bytes:
     data = b""
-    while len(data) < 20:
-        chunk = s.recv(20 - len(data))
+    while len(data) < 12 + size:
+        chunk = s.recv(12 + size - len(data))
         if not chunk:
             raise ConnectionResetError
         data += chunk
-    return int(struct.unpack_from("<Q", data, 12)[0])
+    return data[12:]
+
+
+def read_u64(s: socket.socket) -> int:
+    return int(struct.unpack_from("<Q", read_reply(s, 8))[0])
 
 
 def garbage_chains(
