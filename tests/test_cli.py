@@ -136,11 +136,18 @@ def test_stale_socket_is_replaced(img: Path, tmp_path: Path) -> None:
     s.close()  # bound but nobody listens: a crashed server's leftover
     proc = start_serve(str(img), "--socket", str(sock))
     try:
-        time.sleep(0.5)
-        assert proc.poll() is None
-        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        c.connect(str(sock))
-        c.close()
+        deadline = time.monotonic() + 15  # however slow the start, the stale file gets replaced
+        while True:
+            assert proc.poll() is None
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                c.connect(str(sock))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "the stale socket was never replaced"
+                time.sleep(0.05)
+            finally:
+                c.close()
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=20)

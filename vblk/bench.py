@@ -271,8 +271,10 @@ def _run_phase(
             t.start()
         try:
             last_t, last_ios, last_bytes = start, 0, 0
-            while any(t.is_alive() for t in threads):
+            running = True
+            while running:  # at least one progress line, even for a run shorter than a tick
                 threads[0].join(0.5) if len(threads) == 1 else time.sleep(0.5)
+                running = any(t.is_alive() for t in threads)
                 if progress:
                     now = time.perf_counter()
                     ios = sum(s.ios for s in stats)
