@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vblk.io import uring
-from vblk.io.uring import OP_READV, OP_WRITEV, Uring
+from vblk.io.uring import OP_READV, OP_WRITEV, Uring, clear_eventfd
 
 pytestmark = pytest.mark.skipif(not uring.available(), reason="io_uring not allowed here")
 
@@ -20,7 +20,7 @@ def wait_reap(r: Uring, n: int) -> dict[int, int]:
     p.register(r.eventfd, select.POLLIN)
     while len(got) < n:
         assert p.poll(5000), "no completion within 5 s"
-        r.drain_eventfd()
+        clear_eventfd(r.eventfd)
         got.update(r.reap())
     return got
 

@@ -12,7 +12,7 @@ import logging
 import os
 import struct
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
 from vblk.blk.defs import (
@@ -70,10 +70,6 @@ class Stats:
     write_zeroes: int = 0
     ioerr: int = 0
     unsupp: int = 0
-
-    def add(self, other: Stats) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class BlockDevice:

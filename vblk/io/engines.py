@@ -72,13 +72,6 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def _clear(fd: int) -> None:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        pass
-
-
 def _transfer(fd: int, write: bool, bufs: Sequence[memoryview], offset: int) -> int:
     """One preadv/pwritev; bytes moved or -errno (short transfers are the caller's)."""
     try:
@@ -160,7 +153,7 @@ class ThreadEngine:
 
     def clear_signal(self) -> None:
         if self.fd is not None:
-            _clear(self.fd)
+            _uring.clear_eventfd(self.fd)
 
     def reap(self) -> list[Completion]:
         out: list[Completion] = []
@@ -238,7 +231,7 @@ class UringEngine:
         while ring.space == 0:
             ring.submit()
             select.select([ring.eventfd], [], [], 1.0)
-            _clear(ring.eventfd)
+            _uring.clear_eventfd(ring.eventfd)
             self._done.extend(self._reap_ring())
 
     def commit(self) -> None:
@@ -264,7 +257,7 @@ class UringEngine:
         return bool(self._done) or self._ring.cq_ready()
 
     def clear_signal(self) -> None:
-        _clear(self._ring.eventfd)
+        _uring.clear_eventfd(self._ring.eventfd)
 
     @property
     def inflight(self) -> int:

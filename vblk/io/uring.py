@@ -51,6 +51,14 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
+def clear_eventfd(fd: int) -> None:
+    """Consume whatever a non-blocking eventfd has counted, if anything."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
 def address_of(view: memoryview) -> int:
     """The address of a writable memoryview's first byte (guest memory is mapped read/write).
 
@@ -176,12 +184,6 @@ class Uring:
         """Whether completions wait in the CQ ring (two loads, no syscall)."""
         u32 = self._u32
         return bool(u32[self._cq_head] != u32[self._cq_tail])
-
-    def drain_eventfd(self) -> None:
-        try:
-            os.eventfd_read(self.eventfd)
-        except BlockingIOError:
-            pass
 
     def close(self) -> None:
         if self.fd < 0:
