@@ -66,7 +66,7 @@ def _poll_us(text: str) -> int:
     return value
 
 
-def _io_threads(text: str) -> int:
+def _thread_count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -146,10 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--io-threads",
-        type=_io_threads,
+        type=_thread_count,
         default=4,
         metavar="N",
         help="pool size per queue for --aio threads (default 4)",
+    )
+    serve.add_argument(
+        "--queue-threads",
+        type=_thread_count,
+        default=1,
+        metavar="N",
+        help="threads serving the queues, queue i on thread i mod N, each with one poll loop "
+        "over its queues (default 1: under one GIL, more threads only add hand-offs)",
     )
     serve.add_argument(
         "--poll-us",
@@ -226,6 +234,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine=engine,
         io_threads=args.io_threads,
         poll_us=args.poll_us,
+        threads=min(args.queue_threads, args.num_queues),
         socket_mode=args.socket_mode,
     )
 
@@ -236,12 +245,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     log.info(
-        "serving %s (%d sectors%s%s) with %d queue(s), %s",
+        "serving %s (%d sectors%s%s) with %d queue(s) on %d thread(s), %s",
         args.image,
         device.capacity,
         ", read-only" if device.read_only else "",
         ", O_DIRECT" if args.direct else "",
         args.num_queues,
+        min(args.queue_threads, args.num_queues),
         f"--aio {engine}"
         + (f" ({args.io_threads} threads each)" if engine == "threads" else "")
         + (f", polling up to {args.poll_us} us" if args.poll_us else ""),

@@ -4,8 +4,8 @@ Everything that decides something lives in the sans-IO layers
 (:mod:`vblk.vhost_user.backend`, :mod:`vblk.virtio.queue`,
 :mod:`vblk.blk.device`). This module moves messages and fds between the
 socket and the session, one frontend at a time, and starts a
-:class:`~vblk.worker.QueueWorker` thread per running queue, so a slow request
-on one queue never stalls another.
+:class:`~vblk.worker.QueueWorker` for each running queue on one of its
+:class:`~vblk.worker.IOThread` poll loops.
 
 Access: the socket is created with mode 0600 (``socket_mode``) before anyone
 can reach it; a second frontend that connects while one is attached is
@@ -36,7 +36,7 @@ from vblk.vhost_user.codec import (
     unpack_fds,
 )
 from vblk.vhost_user.defs import HEADER_SIZE, MAX_PAYLOAD
-from vblk.worker import QueueWorker
+from vblk.worker import IOThread, QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -56,31 +56,52 @@ class ServeError(VblkError):
 
 
 class _ConnectionQueues:
-    """The QueueHost of one connection: a worker per running ring."""
+    """The QueueHost of one connection: running rings spread over ``threads`` IOThreads.
 
-    def __init__(self, device: BlockDevice, engine: str, io_threads: int, poll_us: int) -> None:
+    Queue i runs on thread i mod ``threads``; the threads start with the
+    first queue they get and end with the connection.
+    """
+
+    def __init__(
+        self, device: BlockDevice, engine: str, io_threads: int, poll_us: int, threads: int
+    ) -> None:
         self.device = device
         self.engine = engine
         self.io_threads = io_threads
         self.poll_us = poll_us
-        self.workers: dict[int, QueueWorker] = {}
+        self.threads: list[IOThread | None] = [None] * max(1, threads)
+        self.workers: dict[int, tuple[QueueWorker, IOThread]] = {}
 
     def start_queue(self, vring: Vring) -> None:
-        # The queue thread, and the engine's pool threads, inherit a mask that blocks
+        # Queue threads, and the engines' pool threads, inherit a mask that blocks
         # the shutdown signals, so the kernel hands those to the main thread: the only
         # one that runs Python handlers, and it may sleep in poll() for a long time.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
         try:
-            worker = QueueWorker(vring, self.device, self.engine, self.io_threads, self.poll_us)
-            self.workers[vring.index] = worker
-            worker.start()
+            slot = vring.index % len(self.threads)
+            thread = self.threads[slot]
+            if thread is None:
+                thread = IOThread(f"vblk-iothread{slot}", self.poll_us)
+                thread.start()
+                self.threads[slot] = thread
+            worker = QueueWorker(vring, self.device, self.engine, self.io_threads)
+            self.workers[vring.index] = (worker, thread)
+            thread.add(worker)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def stop_queue(self, vring: Vring) -> None:
-        worker = self.workers.pop(vring.index, None)
-        if worker is not None:
-            worker.stop()
+        entry = self.workers.pop(vring.index, None)
+        if entry is not None:
+            worker, thread = entry
+            thread.remove(worker)
+
+    def close(self) -> None:
+        """End the threads (after the session has stopped every queue)."""
+        for thread in self.threads:
+            if thread is not None:
+                thread.stop()
+        self.threads = [None] * len(self.threads)
 
 
 class Server:
@@ -95,6 +116,7 @@ class Server:
         engine: str = "sync",
         io_threads: int = 4,
         poll_us: int = 0,
+        threads: int = 1,
         socket_mode: int = DEFAULT_SOCKET_MODE,
     ) -> None:
         if not 0 <= socket_mode <= 0o777:
@@ -103,6 +125,7 @@ class Server:
         self.engine = engine
         self.io_threads = io_threads
         self.poll_us = poll_us
+        self.threads = threads
         self.socket_path = socket_path
         self.num_queues = num_queues
         self._shutdown = False
@@ -240,7 +263,9 @@ class Server:
         log.warning("refused a second frontend: a frontend is already attached")
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        queues = _ConnectionQueues(self.device, self.engine, self.io_threads, self.poll_us)
+        queues = _ConnectionQueues(
+            self.device, self.engine, self.io_threads, self.poll_us, self.threads
+        )
         session = BackendSession(
             self.device, queues, num_queues=self.num_queues, max_queue_size=self.device.queue_size
         )
@@ -271,6 +296,7 @@ class Server:
         finally:
             reader.close()
             session.close()
+            queues.close()
 
     def _recv_message(self, conn: socket.socket) -> tuple[bytes | None, list[int]]:
         """Read exactly one message: its header (with any fds), then its payload.

@@ -1,9 +1,17 @@
-"""The queue worker: one thread that drains one virtqueue, with a choice of I/O engine.
+"""Queue workers and the I/O threads that run them.
 
-It joins the sans-IO pieces at run time: the ring (:mod:`vblk.virtio.queue`)
-yields chains, the device model (:mod:`vblk.blk.device`) checks and executes
-them, and completions go back onto the used ring with an interrupt when
+A :class:`QueueWorker` is one virtqueue's work, with no thread of its own: it
+joins the sans-IO pieces at run time (the ring of :mod:`vblk.virtio.queue`
+yields chains, the device model of :mod:`vblk.blk.device` checks and executes
+them) and puts completions back on the used ring, with an interrupt when
 EVENT_IDX asks for one.
+
+An :class:`IOThread` is one thread with one ``poll()`` loop over the kick and
+engine fds of every queue it serves, as QEMU's IOThread (and so
+qemu-storage-daemon) does. Under CPython the queues of one process share one
+GIL anyway: a thread per queue adds only the hand-offs between them, so by
+default ``vblk serve`` runs every queue on one IOThread, and one wake-up
+serves whichever queues kicked.
 """
 
 from __future__ import annotations
@@ -13,10 +21,12 @@ import os
 import select
 import threading
 import time
+from collections import deque
 from typing import cast
 
 from vblk.blk.device import BlockDevice, DataRequest, Stats
 from vblk.io.engines import ENGINES, make_engine
+from vblk.io.uring import clear_eventfd
 from vblk.vhost_user.backend import Vring
 
 log = logging.getLogger(__name__)
@@ -27,31 +37,25 @@ NOTIFY_BATCH = 16
 STOP_TIMEOUT = 60.0
 #: Adaptive polling starts at this window and doubles while it pays off (as QEMU's IOThreads).
 POLL_START_NS = 4_000
+#: Requests one queue may pop in a row while other queues on its thread wait.
+DRAIN_BUDGET = 256
 
-__all__ = ["ENGINES", "QueueWorker"]
+__all__ = ["ENGINES", "IOThread", "QueueWorker"]
+
+_HANGUP = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 class QueueWorker:
-    """Drains one virtqueue on its own thread whenever the driver kicks it.
+    """One virtqueue's work: pop, check, submit, reap, push, notify.
 
-    The I/O engine (:mod:`vblk.io.engines`) decides how one queue's reads and
-    writes overlap; everything else (pop, checks, the used ring, notification
-    suppression) stays on the queue thread, which reaps every completion
-    itself, so the used ring has one writer.
-
-    ``poll_us`` > 0 turns on adaptive polling: before sleeping, the thread
-    watches the avail ring (and the engine) for up to that long, with guest
-    kicks suppressed. The window grows while events arrive within it and
-    collapses when they do not, so an idle queue costs no CPU.
+    The I/O engine (:mod:`vblk.io.engines`) decides how the queue's reads and
+    writes overlap. Everything else stays on the :class:`IOThread` that runs
+    the worker, which also reaps every completion, so the used ring has one
+    writer and the hot path takes no lock.
     """
 
     def __init__(
-        self,
-        vring: Vring,
-        device: BlockDevice,
-        engine: str = "sync",
-        io_threads: int = 4,
-        poll_us: int = 0,
+        self, vring: Vring, device: BlockDevice, engine: str = "sync", io_threads: int = 4
     ) -> None:
         assert vring.queue is not None
         self.vring = vring
@@ -64,142 +68,25 @@ class QueueWorker:
             direct=device.image.direct,
             label=f"vblk-queue{vring.index}-io",
         )
-        self._stopping = False
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.poll_max_ns = max(0, poll_us) * 1000
-        self.poll_ns = 0
         # What the driver asked of us and what we asked of it: with EVENT_IDX
         # both kicks and interrupts stay well below the request count.
         self.kicks = 0
         self.interrupts = 0
         self.batches = 0
         self.polled = 0  # wake-ups that polling saved
+        self.polling = False  # whether its thread polls (set by the IOThread)
         self.stats = Stats()
-        self.thread = threading.Thread(
-            target=self._run, name=f"vblk-queue{vring.index}", daemon=True
-        )
 
-    def start(self) -> None:
-        self.thread.start()
+    @property
+    def index(self) -> int:
+        return self.vring.index
 
-    def stop(self) -> None:
-        """Finish the requests in hand, signal their completion, and end the thread."""
-        self._stopping = True
-        os.eventfd_write(self._wake, 1)
-        self.thread.join(STOP_TIMEOUT)
-        if self.thread.is_alive():
-            log.error("queue %d did not stop within %.0fs", self.vring.index, STOP_TIMEOUT)
-            return
-        self.engine.close()
-        os.close(self._wake)
-        st = self.stats
-        log.info(
-            "queue %d: %d requests in %d batches, %d kicks, %d interrupts%s; "
-            "%d MiB read, %d MiB written, %d flushes, %d discards, %d write-zeroes, "
-            "%d IOERR, %d UNSUPP",
-            self.vring.index,
-            st.requests,
-            self.batches,
-            self.kicks,
-            self.interrupts,
-            f", {self.polled} found by polling" if self.poll_max_ns else "",
-            st.read_bytes >> 20,
-            st.write_bytes >> 20,
-            st.flushes,
-            st.discards,
-            st.write_zeroes,
-            st.ioerr,
-            st.unsupp,
-        )
+    def drain(self, budget: int = DRAIN_BUDGET) -> bool:
+        """Pop until the ring is empty with kicks re-enabled; True if work is left.
 
-    def _run(self) -> None:
-        kick = self.vring.kick_fd
-        poller = select.poll()
-        poller.register(kick, select.POLLIN)
-        poller.register(self._wake, select.POLLIN)
-        engine = self.engine
-        engine_fd = engine.fd
-        if engine_fd is not None:
-            poller.register(engine_fd, select.POLLIN)
-        now = time.monotonic_ns
-        try:
-            # Requests may already be waiting (a ring resumed after a restart).
-            self._drain()
-            while not self._stopping and self.queue.broken is None:
-                t0 = now()
-                if self.poll_ns and self._poll(t0 + self.poll_ns):
-                    self.polled += 1
-                    self._drain()
-                    continue
-                for fd, ev in poller.poll():
-                    if fd == kick:
-                        if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                            log.warning("queue %d: kick fd closed", self.vring.index)
-                            return
-                        self.kicks += os.eventfd_read(kick)
-                    elif fd == engine_fd:
-                        engine.clear_signal()
-                if self.poll_max_ns:
-                    self._adapt(now() - t0)
-                if not self._stopping:
-                    self._drain()  # reaps the engine too, whatever woke us
-        except Exception:
-            log.exception("queue %d: worker failed; queue stopped", self.vring.index)
-            self.queue.mark_broken("worker failed")
-            self.vring.signal_err()
-        finally:
-            self._finish_inflight(poller)
-
-    def _poll(self, deadline: int) -> bool:
-        """Spin until the driver adds work or the engine completes some, or ``deadline``.
-
-        Kicks are off meanwhile (the guest saves its exits); True means there
-        is work, False that the window passed and kicks are back on.
+        After ``budget`` requests the worker stops with kicks still off, so
+        other queues on the thread get their turn; the caller must come back.
         """
-        q = self.queue
-        ready = self.engine.ready
-        now = time.monotonic_ns
-        q.disable_notifications()
-        while now() < deadline:
-            if q.avail_pending() or ready() or self._stopping:
-                return True
-        return q.enable_notifications()
-
-    def _adapt(self, block_ns: int) -> None:
-        """Grow the polling window when events come soon after it, drop it when they do not."""
-        if block_ns <= self.poll_ns:
-            return
-        if block_ns > self.poll_max_ns:
-            self.poll_ns = 0
-        elif self.poll_ns < self.poll_max_ns:
-            self.poll_ns = min(self.poll_max_ns, max(POLL_START_NS, self.poll_ns * 2))
-
-    def _finish_inflight(self, poller: select.poll) -> None:
-        """Stopping: every request handed to the engine completes and is signalled first."""
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while self.engine.inflight and time.monotonic() < deadline:
-            poller.poll(100)
-            self.engine.clear_signal()
-            self._complete()
-        if self.engine.inflight:
-            log.error(
-                "queue %d: %d requests never completed", self.vring.index, self.engine.inflight
-            )
-
-    def _complete(self) -> None:
-        """Reap the engine: status bytes, used ring, and an interrupt if the driver wants one."""
-        q = self.queue
-        finish = self.device.finish
-        stats = self.stats
-        for token, res in self.engine.reap():
-            data = cast(DataRequest, token)  # the only tokens _drain submits; no check per I/O
-            q.push(data.head, finish(data, res, stats))
-        if q.should_notify():
-            self.interrupts += 1
-            self.vring.signal_call()
-
-    def _drain(self) -> None:
-        """Pop until the ring is empty with kicks re-enabled, or the queue stops."""
         q = self.queue
         start = self.device.start
         engine = self.engine
@@ -207,10 +94,10 @@ class QueueWorker:
         image_fd = self.device.image.fd
         stats = self.stats
         self.batches += 1
+        n = 0
         while True:
             q.disable_notifications()
-            n = 0
-            while not self._stopping:
+            while True:
                 chain = q.pop()
                 if chain is None:
                     break
@@ -226,12 +113,302 @@ class QueueWorker:
                 if n % NOTIFY_BATCH == 0:
                     # A long batch: let the first requests start and finish early.
                     engine.commit()
-                    self._complete()
+                    self.complete()
+                    if n >= budget:
+                        return q.broken is None
             engine.commit()
-            self._complete()
+            self.complete()
             if q.broken is not None:
                 log.error("queue %d is broken: %s", self.vring.index, q.broken)
                 self.vring.signal_err()
-                return
-            if self._stopping or not q.enable_notifications():
-                return
+                return False
+            if not q.enable_notifications():
+                return False
+
+    def complete(self) -> None:
+        """Reap the engine: status bytes, used ring, and an interrupt if the driver wants one."""
+        q = self.queue
+        finish = self.device.finish
+        stats = self.stats
+        for token, res in self.engine.reap():
+            data = cast(DataRequest, token)  # the only tokens drain submits; no check per I/O
+            q.push(data.head, finish(data, res, stats))
+        if q.should_notify():
+            self.interrupts += 1
+            self.vring.signal_call()
+
+    def close(self) -> None:
+        """Release the engine (nothing may be in flight) and log what the queue did."""
+        self.engine.close()
+        st = self.stats
+        log.info(
+            "queue %d: %d requests in %d batches, %d kicks, %d interrupts%s; "
+            "%d MiB read, %d MiB written, %d flushes, %d discards, %d write-zeroes, "
+            "%d IOERR, %d UNSUPP",
+            self.vring.index,
+            st.requests,
+            self.batches,
+            self.kicks,
+            self.interrupts,
+            f", {self.polled} found by polling" if self.polling else "",
+            st.read_bytes >> 20,
+            st.write_bytes >> 20,
+            st.flushes,
+            st.discards,
+            st.write_zeroes,
+            st.ioerr,
+            st.unsupp,
+        )
+
+
+class _Leaving:
+    """A worker being removed: its in-flight requests finish before it goes."""
+
+    def __init__(self, worker: QueueWorker, done: threading.Event) -> None:
+        self.worker = worker
+        self.done = done
+        self.deadline = time.monotonic() + STOP_TIMEOUT
+
+
+class IOThread:
+    """One thread serving any number of queue workers from one poll loop.
+
+    :meth:`add` and :meth:`remove` may be called from any thread; they hand
+    the change to the loop through a wake-up eventfd and wait for it, so a
+    worker's state is only ever touched by the loop thread.
+
+    ``poll_us`` > 0 turns on adaptive polling: before sleeping, the thread
+    watches its avail rings (and engines) for up to that long, with guest
+    kicks suppressed. The window grows while events arrive within it and
+    collapses when they do not, so an idle thread costs no CPU.
+    """
+
+    def __init__(self, name: str = "vblk-iothread", poll_us: int = 0) -> None:
+        self.name = name
+        self.poll_max_ns = max(0, poll_us) * 1000
+        self.poll_ns = 0
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._requests: deque[tuple[bool, QueueWorker, threading.Event]] = deque()
+        self._closing = False
+        self._poller = select.poll()
+        self._poller.register(self._wake, select.POLLIN)
+        self._fds: dict[int, tuple[QueueWorker, bool]] = {}  # fd -> (worker, is its kick fd)
+        self._serving: list[QueueWorker] = []  # workers whose kicks are watched
+        self._leaving: list[_Leaving] = []
+        self._busy: list[QueueWorker] = []  # stopped on their budget with work left
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @property
+    def workers(self) -> list[QueueWorker]:
+        """The workers this thread serves or is still finishing (a snapshot)."""
+        return list(self._serving) + [lv.worker for lv in self._leaving]
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def add(self, worker: QueueWorker) -> None:
+        """Serve ``worker`` from now on; it drains at once (a resumed ring may hold work)."""
+        self._ask(True, worker, STOP_TIMEOUT)
+
+    def remove(self, worker: QueueWorker) -> None:
+        """Stop popping ``worker``'s ring, finish and signal what it has in flight, close it."""
+        if not self._ask(False, worker, STOP_TIMEOUT + 5):
+            log.error("queue %d did not stop within %.0fs", worker.index, STOP_TIMEOUT)
+
+    def stop(self) -> None:
+        """End the thread once every worker is removed (the callers' duty)."""
+        self._closing = True
+        os.eventfd_write(self._wake, 1)
+        if self.thread.is_alive():
+            self.thread.join(STOP_TIMEOUT)
+        if not self.thread.is_alive():
+            os.close(self._wake)
+
+    def _ask(self, add: bool, worker: QueueWorker, timeout: float) -> bool:
+        done = threading.Event()
+        self._requests.append((add, worker, done))
+        os.eventfd_write(self._wake, 1)
+        if not self.thread.is_alive():
+            self._refuse_requests()  # not started, or failed: no one else will take it
+        return done.wait(timeout)
+
+    def _refuse_requests(self) -> None:
+        """No loop runs: a queue to add is broken at once, one to remove is closed as it is."""
+        while self._requests:
+            add, worker, done = self._requests.popleft()
+            if add:
+                worker.queue.mark_broken(f"{self.name} is not running")
+                worker.vring.signal_err()
+            elif not worker.engine.inflight:
+                worker.close()
+            done.set()
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            log.exception("%s failed; its queues stopped", self.name)
+            for w in self._serving:
+                w.queue.mark_broken("I/O thread failed")
+                w.vring.signal_err()
+        finally:
+            for lv in self._leaving:
+                lv.done.set()
+            self._refuse_requests()
+
+    def _loop(self) -> None:
+        poll = self._poller.poll
+        now = time.monotonic_ns
+        while not (self._closing and not self._serving and not self._leaving):
+            if self._requests:
+                self._apply_requests()
+            if self._busy:
+                ready = self._busy
+                self._busy = []
+                self._dispatch(poll(0), ready)
+                self._serve(ready)
+                if self._leaving:
+                    self._finish_leaving()
+                continue
+            t0 = now()
+            if self.poll_ns and self._serving:
+                found = self._poll(t0 + self.poll_ns)
+                if found:
+                    for w in found:
+                        w.polled += 1
+                    self._serve(found)
+                    continue
+            ready = []
+            events = poll(100 if self._leaving else None)
+            if self.poll_max_ns:
+                self._adapt(now() - t0)
+            self._dispatch(events, ready)
+            self._serve(ready)
+            if self._leaving:
+                self._finish_leaving()
+
+    def _dispatch(self, events: list[tuple[int, int]], ready: list[QueueWorker]) -> None:
+        """Consume each wake-up and note (once) the worker it belongs to in ``ready``."""
+        fds = self._fds
+        for fd, ev in events:
+            entry = fds.get(fd)
+            if entry is None:
+                if fd == self._wake:
+                    clear_eventfd(fd)
+                continue
+            worker, is_kick = entry
+            if is_kick:
+                if ev & _HANGUP:
+                    log.warning("queue %d: kick fd closed", worker.index)
+                    self._unwatch_kick(worker)
+                    continue
+                worker.kicks += os.eventfd_read(fd)
+            else:
+                worker.engine.clear_signal()
+            if worker not in ready:
+                ready.append(worker)
+
+    def _serve(self, ready: list[QueueWorker]) -> None:
+        """Drain each woken queue (reaping its engine), or just reap one that stops popping."""
+        serving = self._serving
+        for w in ready:
+            try:
+                if w not in serving:
+                    w.complete()
+                elif w.drain():
+                    self._busy.append(w)
+                elif w.queue.broken is not None:
+                    self._unwatch_kick(w)
+            except Exception:
+                log.exception("queue %d: worker failed; queue stopped", w.index)
+                w.queue.mark_broken("worker failed")
+                w.vring.signal_err()
+                self._unwatch_kick(w)
+
+    def _poll(self, deadline: int) -> list[QueueWorker]:
+        """Spin until a driver adds work or an engine completes some, or ``deadline``.
+
+        Kicks are off meanwhile (the guests save their exits). Returns the
+        workers with work; none means the window passed and kicks are back on.
+        """
+        serving = self._serving
+        now = time.monotonic_ns
+        for w in serving:
+            w.queue.disable_notifications()
+        found: list[QueueWorker] = []
+        while now() < deadline and not self._requests:
+            found = [w for w in serving if w.queue.avail_pending() or w.engine.ready()]
+            if found:
+                break
+        # Kicks back on for every queue not about to be drained (draining re-enables them).
+        found += [w for w in serving if w not in found and w.queue.enable_notifications()]
+        return found
+
+    def _adapt(self, block_ns: int) -> None:
+        """Grow the polling window when events come soon after it, drop it when they do not."""
+        if block_ns <= self.poll_ns:
+            return
+        if block_ns > self.poll_max_ns:
+            self.poll_ns = 0
+        elif self.poll_ns < self.poll_max_ns:
+            self.poll_ns = min(self.poll_max_ns, max(POLL_START_NS, self.poll_ns * 2))
+
+    # -- adding and removing workers --------------------------------------------
+
+    def _apply_requests(self) -> None:
+        while self._requests:
+            add, worker, done = self._requests.popleft()
+            if add:
+                self._watch(worker)
+                done.set()
+                self._serve([worker])
+            else:
+                self._start_leaving(worker, done)
+
+    def _watch(self, worker: QueueWorker) -> None:
+        worker.polling = self.poll_max_ns > 0
+        self._serving.append(worker)
+        kick = worker.vring.kick_fd
+        self._fds[kick] = (worker, True)
+        self._poller.register(kick, select.POLLIN)
+        efd = worker.engine.fd
+        if efd is not None:
+            self._fds[efd] = (worker, False)
+            self._poller.register(efd, select.POLLIN)
+
+    def _unwatch_kick(self, worker: QueueWorker) -> None:
+        """Stop popping: the ring broke, its kick fd hung up, or the queue is stopping."""
+        if worker in self._serving:
+            self._serving.remove(worker)
+            kick = worker.vring.kick_fd
+            if self._fds.pop(kick, None) is not None:
+                self._poller.unregister(kick)
+        if worker in self._busy:
+            self._busy.remove(worker)
+
+    def _start_leaving(self, worker: QueueWorker, done: threading.Event) -> None:
+        self._unwatch_kick(worker)
+        self._leaving.append(_Leaving(worker, done))
+        self._finish_leaving()
+
+    def _finish_leaving(self) -> None:
+        """Close the leaving workers whose requests have all completed (or timed out)."""
+        for lv in list(self._leaving):
+            w = lv.worker
+            try:
+                w.complete()
+            except Exception:
+                log.exception("queue %d: completing in-flight requests failed", w.index)
+            if w.engine.inflight and time.monotonic() < lv.deadline:
+                continue
+            self._leaving.remove(lv)
+            efd = w.engine.fd
+            if efd is not None and self._fds.pop(efd, None) is not None:
+                self._poller.unregister(efd)
+            if w.engine.inflight:
+                log.error("queue %d: %d requests never completed", w.index, w.engine.inflight)
+            else:
+                w.close()
+            lv.done.set()

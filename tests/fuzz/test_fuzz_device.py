@@ -14,7 +14,7 @@ the used length it predicts, or has no status byte and is refused; the image
 equals the model after every request; guest bytes change only inside the
 chain's device-writable buffers and the used ring; the canaries between
 regions survive. The worker target runs the same kind of chains through
-QueueWorker threads with each I/O engine: every chain is answered or the
+a QueueWorker on an IOThread with each I/O engine: every chain is answered or the
 queue is broken with a logged reason, and no exception escapes the worker.
 """
 
@@ -49,7 +49,7 @@ from vblk.io.image import Image
 from vblk.vhost_user.backend import Vring
 from vblk.virtio import defs as vdefs
 from vblk.virtio.queue import Chain, DeviceQueue
-from vblk.worker import QueueWorker
+from vblk.worker import IOThread, QueueWorker
 
 NEXT = vdefs.VIRTQ_DESC_F_NEXT
 WRITE = vdefs.VIRTQ_DESC_F_WRITE
@@ -476,8 +476,10 @@ def worker_case(
     errors = _Errors()
     logging.getLogger("vblk").addHandler(errors)
     worker = QueueWorker(vring, device, engine, io_threads=3)
+    thread = IOThread()
+    thread.start()
     try:
-        worker.start()
+        thread.add(worker)
         os.eventfd_write(kick, 1)
         deadline = time.monotonic() + 20
         q = vring.queue
@@ -485,7 +487,8 @@ def worker_case(
             assert time.monotonic() < deadline, "chains neither answered nor refused"
             select.select([call], [], [], 0.05)
     finally:
-        worker.stop()
+        thread.remove(worker)
+        thread.stop()
         logging.getLogger("vblk").removeHandler(errors)
         vring.close_fds()
         os.close(kick)
