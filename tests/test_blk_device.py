@@ -273,3 +273,83 @@ def test_start_finish_split_and_short_or_failed_transfers(dev: BlockDevice) -> N
     # Non-data requests complete inside start.
     flush = Chain(6, [mv(struct.pack("<IIQ", ReqType.FLUSH, 0, 0))], [mv(b"\xee")])
     assert dev.start(flush, st) == 1
+
+
+def _hdr(rtype: int, sector: int) -> bytes:
+    return struct.pack("<IIQ", rtype, 0, sector)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "in",  # header | data | status: the usual shape, short path
+        "in-2bufs",
+        "out",
+        "out-2bufs",
+        "header+data",  # header and OUT data in one descriptor: full path
+        "data+status",  # IN data and status in one descriptor: full path
+        "in-misaligned",
+        "in-past-end",
+        "in-at-end",
+        "out-read-only",
+        "in-with-out-data",
+        "out-with-in-data",
+        "in-empty-buffer",
+        "huge-sector",
+    ],
+)
+@pytest.mark.parametrize("read_only", [False, True])
+def test_short_path_matches_the_full_parse(image_path: Path, shape: str, read_only: bool) -> None:
+    """start()'s short path for plain reads and writes gives what parse_request + checks give."""
+    from vblk.blk.device import DataRequest
+    from vblk.blk.request import RequestError, parse_request
+
+    img = Image(str(image_path), read_only=read_only)
+    dev = BlockDevice(img, read_only=read_only)
+    end = SIZE // 512
+    r, w = ReqType.IN, ReqType.OUT
+    chains = {
+        "in": ([_hdr(r, 8)], [4096, 1]),
+        "in-2bufs": ([_hdr(r, 8)], [512, 3584, 1]),
+        "out": ([_hdr(w, 8), b"x" * 4096], [1]),
+        "out-2bufs": ([_hdr(w, 8), b"x" * 512, b"y" * 1024], [1]),
+        "header+data": ([_hdr(w, 8) + b"x" * 512], [1]),
+        "data+status": ([_hdr(r, 8)], [4097]),
+        "in-misaligned": ([_hdr(r, 8)], [1000, 1]),
+        "in-past-end": ([_hdr(r, end - 1)], [1024, 1]),
+        "in-at-end": ([_hdr(r, end - 2)], [1024, 1]),
+        "out-read-only": ([_hdr(w, 0), b"x" * 512], [1]),
+        "in-with-out-data": ([_hdr(r, 0), b"x" * 512], [512, 1]),
+        "out-with-in-data": ([_hdr(w, 0), b"x" * 512], [512, 1]),
+        "in-empty-buffer": ([_hdr(r, 0)], [0, 1]),
+        "huge-sector": ([_hdr(r, 2**64 - 1)], [512, 1]),
+    }
+    readable, writable = chains[shape]
+
+    def chain() -> Chain:
+        return Chain(3, [mv(b) for b in readable], [mv(n) for n in writable])
+
+    c = chain()
+    got = dev.start(c, Stats())
+    ref_chain = chain()
+    try:
+        req = parse_request(ref_chain)
+        want: DataRequest | int | None = dev._data_request(req, 3)
+    except RequestError:
+        want = None
+    if isinstance(want, DataRequest):
+        assert isinstance(got, DataRequest), f"{shape}: full path accepts, short path refused"
+        assert (got.head, got.write, got.offset, got.nbytes) == (
+            want.head,
+            want.write,
+            want.offset,
+            want.nbytes,
+        )
+        assert [len(b) for b in got.bufs] == [len(b) for b in want.bufs]
+        # The status view is the last byte of the chain's last writable buffer.
+        got.status[0] = 0x5A
+        assert c.writable[-1][-1] == 0x5A
+    else:
+        assert not isinstance(got, DataRequest), f"{shape}: refused by the full path only"
+        assert c.writable[-1][-1] == Status.IOERR
+    img.close()

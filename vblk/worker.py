@@ -187,6 +187,7 @@ class IOThread:
         self.name = name
         self.poll_max_ns = max(0, poll_us) * 1000
         self.poll_ns = 0
+        self.budget = DRAIN_BUDGET
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._requests: deque[tuple[bool, QueueWorker, threading.Event]] = deque()
         self._closing = False
@@ -317,7 +318,7 @@ class IOThread:
             try:
                 if w not in serving:
                     w.complete()
-                elif w.drain():
+                elif w.drain(self.budget):
                     self._busy.append(w)
                 elif w.queue.broken is not None:
                     self._unwatch_kick(w)

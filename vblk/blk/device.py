@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
 from vblk.blk.defs import (
+    HEADER_SIZE,
     ID_BYTES,
     SECTOR_SHIFT,
     SECTOR_SIZE,
@@ -37,6 +38,8 @@ _IN, _OUT, _GET_ID = int(ReqType.IN), int(ReqType.OUT), int(ReqType.GET_ID)
 _OK, _IOERR, _UNSUPP = int(Status.OK), int(Status.IOERR), int(Status.UNSUPP)
 
 _SEGMENT = struct.Struct("<QII")
+_HEADER = struct.Struct("<IIQ")  # type, reserved, sector
+_SECTOR_MASK = SECTOR_SIZE - 1
 
 #: Per-request cap on discard and write-zeroes (32 MiB), like QEMU's export.
 MAX_DISCARD_SECTORS = 1 << 16
@@ -50,12 +53,19 @@ DISCARD_ALIGNMENT_SECTORS = 8
 class DataRequest:
     """A checked read or write waiting for an I/O engine: where, which buffers, which way."""
 
-    req: BlkRequest
     head: int
     write: bool
     offset: int
     bufs: list[memoryview]
     nbytes: int
+    status: memoryview
+
+    def request(self) -> BlkRequest:
+        """The request as parsed, for the rare paths (errors, short transfers, tracing)."""
+        sector = self.offset >> SECTOR_SHIFT
+        if self.write:
+            return BlkRequest(_OUT, sector, self.bufs, self.nbytes, [], 0, self.status)
+        return BlkRequest(_IN, sector, [], 0, self.bufs, self.nbytes, self.status)
 
 
 @dataclass
@@ -181,8 +191,36 @@ class BlockDevice:
         A valid IN/OUT comes back as a :class:`DataRequest` for an I/O engine to
         carry out and hand to :meth:`finish`. Anything else is done here and
         its used length returned (None: no status byte, see :meth:`handle`).
+
+        The usual shape of a read or write (a 16-byte header descriptor, the
+        data, a 1-byte status descriptor) is accepted on a short path with the
+        same checks; anything else, and every refusal, takes the full one.
         """
         stats.requests += 1
+        readable = chain.readable
+        writable = chain.writable
+        if chain.error is None and readable and writable:
+            sbuf = writable[-1]
+            if len(readable[0]) == HEADER_SIZE and len(sbuf) == 1:
+                rtype, _, sector = _HEADER.unpack_from(readable[0])
+                if rtype == _IN and len(readable) == 1:
+                    bufs, write = writable[:-1], False
+                elif rtype == _OUT and len(writable) == 1 and not self.read_only:
+                    bufs, write = readable[1:], True
+                else:
+                    bufs = None
+                if bufs:
+                    nbytes = sum(map(len, bufs))
+                    cap = self.capacity
+                    if (
+                        nbytes
+                        and not nbytes & _SECTOR_MASK
+                        and sector <= cap
+                        and nbytes >> SECTOR_SHIFT <= cap - sector
+                    ):
+                        return DataRequest(
+                            chain.head, write, sector << SECTOR_SHIFT, bufs, nbytes, sbuf
+                        )
         try:
             req = parse_request(chain)
         except RequestError as e:
@@ -207,17 +245,17 @@ class BlockDevice:
 
     def finish(self, data: DataRequest, result: int, stats: Stats) -> int:
         """Complete a read or write whose I/O moved ``result`` bytes (or failed with -errno)."""
-        req = data.req
         if result == data.nbytes and not self.trace:
             # The common case, kept short: all bytes moved, nothing to log or flush.
             if not data.write:
                 stats.read_bytes += result
-                req.status[0] = _OK
+                data.status[0] = _OK
                 return result + 1
             if self.config.writeback:
                 stats.write_bytes += result
-                req.status[0] = _OK
+                data.status[0] = _OK
                 return 1
+        req = data.request()
         status = Status.OK
         try:
             if 0 <= result < data.nbytes:
@@ -272,13 +310,13 @@ class BlockDevice:
             if req.out_len:
                 raise self._fail("IN request carries device-readable data")
             offset = self._check_range(req.sector, req.in_len)
-            return DataRequest(req, head, False, offset, req.in_, req.in_len)
+            return DataRequest(head, False, offset, req.in_, req.in_len, req.status)
         if req.in_len:
             raise self._fail("OUT request carries device-writable data")
         if self.read_only:
             raise self._fail("write to a read-only disk")
         offset = self._check_range(req.sector, req.out_len)
-        return DataRequest(req, head, True, offset, req.out, req.out_len)
+        return DataRequest(head, True, offset, req.out, req.out_len, req.status)
 
     def _fail(self, reason: str, status: Status = Status.IOERR) -> RequestError:
         return RequestError(reason, status, None)

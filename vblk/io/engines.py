@@ -215,7 +215,7 @@ class UringEngine:
             except OSError as e:
                 self._done.append((token, -(e.errno or errno.EIO)))
                 return
-            if n >= 0 and n == sum(len(b) for b in bufs):
+            if n >= 0 and n == sum(map(len, bufs)):
                 self._done.append((token, n))
                 return
             # Not (all) cached: the whole read goes to the ring.

@@ -32,7 +32,9 @@ _syscall.restype = ctypes.c_long
 
 # struct io_uring_params: 10 u32, then io_sqring_offsets and io_cqring_offsets (40 bytes each).
 _PARAMS = struct.Struct("<10I" + "7IIQ" + "8IQ")
-_SQE = struct.Struct("<BBHiQQIIQHHiQQ")  # 64 bytes
+_SQE_SIZE = 64
+# The fields we set, up to user_data; the SQE's last 24 bytes stay zero from the mmap.
+_SQE_HEAD = struct.Struct("<BBHiQQIIQ")
 _CQE = struct.Struct("<QiI")  # 16 bytes
 
 
@@ -86,7 +88,7 @@ class Uring:
             sq_size = sq_off[6] + sq_entries * 4
             cq_size = cq_off[5] + cq_entries * _CQE.size
             self._ring = mmap.mmap(self.fd, max(sq_size, cq_size), offset=_OFF_SQ_RING)
-            self._sqes = mmap.mmap(self.fd, sq_entries * _SQE.size, offset=_OFF_SQES)
+            self._sqes = mmap.mmap(self.fd, sq_entries * _SQE_SIZE, offset=_OFF_SQES)
         except BaseException:
             os.close(self.fd)
             raise
@@ -127,7 +129,8 @@ class Uring:
         A single buffer goes as a plain READ/WRITE: no iovec array to build,
         which is most of this method's cost.
         """
-        if self.space <= 0:
+        tail = self._tail
+        if (tail - self._u32[self._sq_head]) & 0xFFFFFFFF >= self.entries:
             raise UringError(0, "submission queue full")
         if len(bufs) == 1 and self._single:
             b = bufs[0]
@@ -141,13 +144,12 @@ class Uring:
                 iov[i].len = len(b)
             self._iovecs[user_data] = (iov, bufs)
             addr, n = ctypes.addressof(iov), len(bufs)
-        index = self._tail & self._sq_mask
-        _SQE.pack_into(
-            self._sqe_view, index * _SQE.size,
-            op, 0, 0, fd, offset, addr, n, 0, user_data, 0, 0, 0, 0, 0,
-        )  # fmt: skip
+        index = tail & self._sq_mask
+        _SQE_HEAD.pack_into(
+            self._sqe_view, index * _SQE_SIZE, op, 0, 0, fd, offset, addr, n, 0, user_data
+        )
         self._u32[self._sq_array + index] = index
-        self._tail = (self._tail + 1) & 0xFFFFFFFF
+        self._tail = (tail + 1) & 0xFFFFFFFF
         self._pending += 1
 
     def submit(self) -> int:
