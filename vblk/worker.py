@@ -267,9 +267,10 @@ class IOThread:
                 self._apply_requests()
             if self._busy:
                 ready = self._busy
+                reaped: list[QueueWorker] = []
                 self._busy = []
-                self._dispatch(poll(0), ready)
-                self._serve(ready)
+                self._dispatch(poll(0), ready, reaped)
+                self._serve(ready, reaped)
                 if self._leaving:
                     self._finish_leaving()
                 continue
@@ -279,19 +280,29 @@ class IOThread:
                 if found:
                     for w in found:
                         w.polled += 1
-                    self._serve(found)
+                    self._serve(found, [])
                     continue
             ready = []
+            reaped = []
             events = poll(100 if self._leaving else None)
             if self.poll_max_ns:
                 self._adapt(now() - t0)
-            self._dispatch(events, ready)
-            self._serve(ready)
+            self._dispatch(events, ready, reaped)
+            self._serve(ready, reaped)
             if self._leaving:
                 self._finish_leaving()
 
-    def _dispatch(self, events: list[tuple[int, int]], ready: list[QueueWorker]) -> None:
-        """Consume each wake-up and note (once) the worker it belongs to in ``ready``."""
+    def _dispatch(
+        self,
+        events: list[tuple[int, int]],
+        ready: list[QueueWorker],
+        reaped: list[QueueWorker],
+    ) -> None:
+        """Consume each wake-up: kicked workers go in ``ready``, completing ones in ``reaped``.
+
+        A worker whose engine alone woke us needs no pop: its kicks are on, so
+        anything new in its ring comes with a kick of its own.
+        """
         fds = self._fds
         for fd, ev in events:
             entry = fds.get(fd)
@@ -306,17 +317,18 @@ class IOThread:
                     self._unwatch_kick(worker)
                     continue
                 worker.kicks += os.eventfd_read(fd)
+                if worker not in ready:
+                    ready.append(worker)
             else:
                 worker.engine.clear_signal()
-            if worker not in ready:
-                ready.append(worker)
+                reaped.append(worker)
 
-    def _serve(self, ready: list[QueueWorker]) -> None:
-        """Drain each woken queue (reaping its engine), or just reap one that stops popping."""
+    def _serve(self, ready: list[QueueWorker], reaped: list[QueueWorker]) -> None:
+        """Drain each kicked queue (which reaps its engine too), then reap the others."""
         serving = self._serving
-        for w in ready:
+        for w in ready + [w for w in reaped if w not in ready]:
             try:
-                if w not in serving:
+                if w not in serving or w not in ready:
                     w.complete()
                 elif w.drain(self.budget):
                     self._busy.append(w)
@@ -364,7 +376,7 @@ class IOThread:
             if add:
                 self._watch(worker)
                 done.set()
-                self._serve([worker])
+                self._serve([worker], [])
             else:
                 self._start_leaving(worker, done)
 

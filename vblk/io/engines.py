@@ -219,11 +219,14 @@ class UringEngine:
                 self._done.append((token, n))
                 return
             # Not (all) cached: the whole read goes to the ring.
-        ring = self._ring
-        if ring.space == 0:  # only if more is in flight than the ring holds; stay correct anyway
-            self._wait_for_space()
         self._next = key = (self._next + 1) & 0xFFFFFFFFFFFF
-        ring.prep_rw(_uring.OP_WRITEV if write else _uring.OP_READV, fd, bufs, offset, key)
+        op = _uring.OP_WRITEV if write else _uring.OP_READV
+        try:
+            self._ring.prep_rw(op, fd, bufs, offset, key)
+        except _uring.RingFull:
+            # Only if more is in flight than the ring holds; stay correct anyway.
+            self._wait_for_space()
+            self._ring.prep_rw(op, fd, bufs, offset, key)
         self._tokens[key] = token
 
     def _wait_for_space(self) -> None:

@@ -46,6 +46,10 @@ class UringError(OSError):
     """io_uring is unavailable or failed."""
 
 
+class RingFull(UringError):
+    """No free SQE until the kernel consumes some (submit) or completions are reaped."""
+
+
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         e = ctypes.get_errno()
@@ -131,7 +135,7 @@ class Uring:
         """
         tail = self._tail
         if (tail - self._u32[self._sq_head]) & 0xFFFFFFFF >= self.entries:
-            raise UringError(0, "submission queue full")
+            raise RingFull(0, "submission queue full")
         if len(bufs) == 1 and self._single:
             b = bufs[0]
             addr, n = address_of(b), len(b)
