@@ -197,9 +197,7 @@ class UringEngine:
         self._ring = _uring.Uring(max(8, entries))
         self.fd: int | None = self._ring.eventfd
         self._inline = not direct
-        self._tokens: dict[int, object] = {}
         self._done: list[Completion] = []  # finished inline, or while waiting for SQ space
-        self._next = 0
 
     def submit(
         self, fd: int, write: bool, bufs: Sequence[memoryview], offset: int, token: object
@@ -219,15 +217,13 @@ class UringEngine:
                 self._done.append((token, n))
                 return
             # Not (all) cached: the whole read goes to the ring.
-        self._next = key = (self._next + 1) & 0xFFFFFFFFFFFF
         op = _uring.OP_WRITEV if write else _uring.OP_READV
         try:
-            self._ring.prep_rw(op, fd, bufs, offset, key)
+            self._ring.prep_rw(op, fd, bufs, offset, token)
         except _uring.RingFull:
             # Only if more is in flight than the ring holds; stay correct anyway.
             self._wait_for_space()
-            self._ring.prep_rw(op, fd, bufs, offset, key)
-        self._tokens[key] = token
+            self._ring.prep_rw(op, fd, bufs, offset, token)
 
     def _wait_for_space(self) -> None:
         ring = self._ring
@@ -235,22 +231,13 @@ class UringEngine:
             ring.submit()
             select.select([ring.eventfd], [], [], 1.0)
             _uring.clear_eventfd(ring.eventfd)
-            self._done.extend(self._reap_ring())
+            self._done.extend(ring.reap())
 
     def commit(self) -> None:
         self._ring.submit()
 
-    def _reap_ring(self) -> list[Completion]:
-        tokens = self._tokens
-        out: list[Completion] = []
-        for key, res in self._ring.reap():
-            token = tokens.pop(key, None)
-            if token is not None:
-                out.append((token, res))
-        return out
-
     def reap(self) -> list[Completion]:
-        out = self._reap_ring() if self._tokens else []
+        out = self._ring.reap()
         if self._done:
             out = self._done + out
             self._done = []
@@ -264,7 +251,7 @@ class UringEngine:
 
     @property
     def inflight(self) -> int:
-        return len(self._tokens) + len(self._done)
+        return self._ring.inflight + len(self._done)
 
     def close(self) -> None:
         self._ring.close()

@@ -110,8 +110,11 @@ class Uring:
         self.entries: int = sq_entries
         self._tail: int = self._u32[self._sq_tail]
         self._pending = 0  # SQEs written but not yet handed to the kernel
-        # user_data -> the iovec array (if any) and the buffers, alive until the CQE.
-        self._iovecs: dict[int, tuple[ctypes.Array[Iovec] | None, Sequence[memoryview]]] = {}
+        # user_data -> (token, iovec array if any, buffers): all alive until the CQE.
+        self._inflight: dict[
+            int, tuple[object, ctypes.Array[Iovec] | None, Sequence[memoryview]]
+        ] = {}
+        self._key = 0
         self.eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         efd = ctypes.c_int(self.eventfd)
         _check(
@@ -126,9 +129,9 @@ class Uring:
         return self.entries - ((self._tail - head) & 0xFFFFFFFF)
 
     def prep_rw(
-        self, op: int, fd: int, bufs: Sequence[memoryview], offset: int, user_data: int
+        self, op: int, fd: int, bufs: Sequence[memoryview], offset: int, token: object
     ) -> None:
-        """Queue a READV/WRITEV of ``bufs`` at ``offset``; ``user_data`` comes back in its CQE.
+        """Queue a READV/WRITEV of ``bufs`` at ``offset``; :meth:`reap` hands back ``token``.
 
         A single buffer goes as a plain READ/WRITE: no iovec array to build,
         which is most of this method's cost.
@@ -140,14 +143,20 @@ class Uring:
             b = bufs[0]
             addr, n = address_of(b), len(b)
             op = _SINGLE.get(op, op)
-            self._iovecs[user_data] = (None, bufs)
+            keep: tuple[object, ctypes.Array[Iovec] | None, Sequence[memoryview]] = (
+                token,
+                None,
+                bufs,
+            )
         else:
             iov = (Iovec * len(bufs))()
             for i, b in enumerate(bufs):
                 iov[i].base = address_of(b)
                 iov[i].len = len(b)
-            self._iovecs[user_data] = (iov, bufs)
+            keep = (token, iov, bufs)
             addr, n = ctypes.addressof(iov), len(bufs)
+        self._key = user_data = (self._key + 1) & 0xFFFFFFFFFFFFFFFF
+        self._inflight[user_data] = keep
         index = tail & self._sq_mask
         _SQE_HEAD.pack_into(
             self._sqe_view, index * _SQE_SIZE, op, 0, 0, fd, offset, addr, n, 0, user_data
@@ -167,24 +176,30 @@ class Uring:
         self._pending -= done
         return done
 
-    def reap(self) -> list[tuple[int, int]]:
-        """Completed (user_data, result) pairs; result is bytes moved or -errno."""
-        out: list[tuple[int, int]] = []
+    def reap(self) -> list[tuple[object, int]]:
+        """Completed (token, result) pairs; result is bytes moved or -errno."""
+        out: list[tuple[object, int]] = []
         u32 = self._u32
         head = u32[self._cq_head]
         tail = u32[self._cq_tail]
         if head == tail:
             return out
         view, mask, base = self._ring_view, self._cq_mask, self._cqes
-        iovecs = self._iovecs
+        inflight = self._inflight
         unpack = _CQE.unpack_from
         while head != tail:
             user_data, res, _ = unpack(view, base + (head & mask) * 16)
-            iovecs.pop(user_data, None)
-            out.append((user_data, res))
+            keep = inflight.pop(user_data, None)
+            if keep is not None:  # the kernel echoes our keys; never trust, never fail
+                out.append((keep[0], res))
             head = (head + 1) & 0xFFFFFFFF
         u32[self._cq_head] = head
         return out
+
+    @property
+    def inflight(self) -> int:
+        """Requests prepared and not yet reaped."""
+        return len(self._inflight)
 
     def cq_ready(self) -> bool:
         """Whether completions wait in the CQ ring (two loads, no syscall)."""
@@ -194,7 +209,7 @@ class Uring:
     def close(self) -> None:
         if self.fd < 0:
             return
-        self._iovecs.clear()
+        self._inflight.clear()
         for v in (self._u32, self._ring_view, self._sqe_view):
             v.release()
         self._ring.close()
