@@ -61,6 +61,14 @@ def test_num_queues_zero(img: Path, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("value", ["0", "x", "257"])
+def test_bad_queue_threads(img: Path, tmp_path: Path, value: str) -> None:
+    one_error_line(
+        vblk("serve", str(img), "--socket", str(tmp_path / "s"), "--queue-threads", value),
+        "--queue-threads",
+    )
+
+
 def test_serial_too_long(img: Path, tmp_path: Path) -> None:
     one_error_line(
         vblk("serve", str(img), "--socket", str(tmp_path / "s"), "--serial", "x" * 21), "20 bytes"

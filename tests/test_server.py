@@ -259,8 +259,9 @@ def test_sigint_is_prompt_even_with_a_stalled_frontend(tmp_path: Path) -> None:
 @pytest.mark.parametrize("engine", ["sync", "io_uring", "threads"])
 @pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("poll_us", [0, 200])
+@pytest.mark.parametrize("queue_threads", [1, 2])
 def test_io_engines_move_the_right_bytes(
-    tmp_path: Path, engine: str, direct: bool, poll_us: int
+    tmp_path: Path, engine: str, direct: bool, poll_us: int, queue_threads: int
 ) -> None:
     from vblk.io import uring
 
@@ -272,6 +273,7 @@ def test_io_engines_move_the_right_bytes(
         f.truncate(IMG_SIZE)
     sock = tmp_path / "e.sock"
     args = ["--aio", engine, "--num-queues", "2", "--poll-us", str(poll_us)]
+    args += ["--queue-threads", str(queue_threads)]
     args += ["--direct"] if direct else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "vblk", "serve", str(img), "--socket", str(sock), *args],
@@ -311,6 +313,7 @@ def test_io_engines_move_the_right_bytes(
     data = img.read_bytes()
     assert data[: 1 << 20] == pattern and data[2 << 20 : 3 << 20] == pattern
     assert f"--aio {engine}" in err
+    assert f"with 2 queue(s) on {queue_threads} thread(s)" in err
     if poll_us:
         assert "found by polling" in err
 
