@@ -326,19 +326,28 @@ class IOThread:
     def _serve(self, ready: list[QueueWorker], reaped: list[QueueWorker]) -> None:
         """Drain each kicked queue (which reaps its engine too), then reap the others."""
         serving = self._serving
-        for w in ready + [w for w in reaped if w not in ready]:
+        for w in ready:
             try:
-                if w not in serving or w not in ready:
+                if w not in serving:
                     w.complete()
                 elif w.drain(self.budget):
                     self._busy.append(w)
                 elif w.queue.broken is not None:
                     self._unwatch_kick(w)
             except Exception:
-                log.exception("queue %d: worker failed; queue stopped", w.index)
-                w.queue.mark_broken("worker failed")
-                w.vring.signal_err()
-                self._unwatch_kick(w)
+                self._failed(w)
+        for w in reaped:
+            if w not in ready:
+                try:
+                    w.complete()
+                except Exception:
+                    self._failed(w)
+
+    def _failed(self, w: QueueWorker) -> None:
+        log.exception("queue %d: worker failed; queue stopped", w.index)
+        w.queue.mark_broken("worker failed")
+        w.vring.signal_err()
+        self._unwatch_kick(w)
 
     def _poll(self, deadline: int) -> list[QueueWorker]:
         """Spin until a driver adds work or an engine completes some, or ``deadline``.
