@@ -73,7 +73,7 @@ class _ConnectionQueues:
         self.workers: dict[int, tuple[QueueWorker, IOThread]] = {}
 
     def start_queue(self, vring: Vring) -> None:
-        # Queue threads, and the engines' pool threads, inherit a mask that blocks
+        # IOThreads, and the engines' pool threads, inherit a mask that blocks
         # the shutdown signals, so the kernel hands those to the main thread: the only
         # one that runs Python handlers, and it may sleep in poll() for a long time.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)

@@ -26,7 +26,7 @@ from vblk.blk.defs import (
     ReqType,
     Status,
 )
-from vblk.blk.request import BlkRequest, RequestError, parse_request
+from vblk.blk.request import HEADER, BlkRequest, RequestError, parse_request
 from vblk.io.image import Image, advance
 from vblk.virtio import defs as vdefs
 from vblk.virtio.queue import Chain
@@ -38,7 +38,6 @@ _IN, _OUT, _GET_ID = int(ReqType.IN), int(ReqType.OUT), int(ReqType.GET_ID)
 _OK, _IOERR, _UNSUPP = int(Status.OK), int(Status.IOERR), int(Status.UNSUPP)
 
 _SEGMENT = struct.Struct("<QII")
-_HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 _SECTOR_MASK = SECTOR_SIZE - 1
 
 #: Per-request cap on discard and write-zeroes (32 MiB), like QEMU's export.
@@ -202,7 +201,7 @@ class BlockDevice:
         if chain.error is None and readable and writable:
             sbuf = writable[-1]
             if len(readable[0]) == HEADER_SIZE and len(sbuf) == 1:
-                rtype, _, sector = _HEADER.unpack_from(readable[0])
+                rtype, _, sector = HEADER.unpack_from(readable[0])
                 if rtype == _IN and len(readable) == 1:
                     bufs, write = writable[:-1], False
                 elif rtype == _OUT and len(writable) == 1 and not self.read_only:

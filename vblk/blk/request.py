@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from vblk.blk.defs import HEADER_SIZE, Status
 from vblk.virtio.queue import Chain
 
-_HEADER = struct.Struct("<IIQ")
+#: The request header: type, reserved, sector (virtio 1.2, 5.2.6).
+HEADER = struct.Struct("<IIQ")
 
 
 class RequestError(Exception):
@@ -59,7 +60,7 @@ def parse_request(chain: Chain) -> BlkRequest:
     readable = chain.readable
     first = readable[0] if readable else None
     if first is not None and len(first) >= HEADER_SIZE:
-        rtype, _, sector = _HEADER.unpack_from(first)
+        rtype, _, sector = HEADER.unpack_from(first)
         out = [first[HEADER_SIZE:]] if len(first) > HEADER_SIZE else []
         out.extend(readable[1:])
     else:
@@ -76,7 +77,7 @@ def parse_request(chain: Chain) -> BlkRequest:
                 out.append(seg)
         if len(head) < HEADER_SIZE:
             raise RequestError("request header shorter than 16 bytes", Status.IOERR, status)
-        rtype, _, sector = _HEADER.unpack_from(head)
+        rtype, _, sector = HEADER.unpack_from(head)
 
     in_ = writable[:-1]
     last = writable[-1]
