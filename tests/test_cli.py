@@ -69,6 +69,14 @@ def test_bad_queue_threads(img: Path, tmp_path: Path, value: str) -> None:
     )
 
 
+@pytest.mark.parametrize("value", ["-1", "1.5", "100001"])
+def test_bad_coalesce_us(img: Path, tmp_path: Path, value: str) -> None:
+    one_error_line(
+        vblk("serve", str(img), "--socket", str(tmp_path / "s"), "--coalesce-us", value),
+        "--coalesce-us",
+    )
+
+
 def test_serial_too_long(img: Path, tmp_path: Path) -> None:
     one_error_line(
         vblk("serve", str(img), "--socket", str(tmp_path / "s"), "--serial", "x" * 21), "20 bytes"

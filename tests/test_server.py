@@ -314,6 +314,7 @@ def test_io_engines_move_the_right_bytes(
     assert data[: 1 << 20] == pattern and data[2 << 20 : 3 << 20] == pattern
     assert f"--aio {engine}" in err
     assert f"with 2 queue(s) on {queue_threads} thread(s)" in err
+    assert "coalescing interrupts up to 200 us" in err  # on by default
     if poll_us:
         assert "found by polling" in err
 

@@ -236,3 +236,65 @@ def test_adding_to_a_thread_that_is_not_running_breaks_the_queue(queues: Any) ->
     thread.add(a.worker())
     assert a.pair.dq.broken is not None and "not running" in a.pair.dq.broken
     thread.stop()
+
+
+def _coalescing_worker(q: Queue, thread: IOThread, hold_us: int) -> QueueWorker:
+    """A worker on ``thread`` whose coalescer has learned to wait for two completions."""
+    w = QueueWorker(q.vring, q.pair.device, "sync", io_threads=2, coalesce_us=hold_us)
+    thread.add(w)
+    q.submit_writes(2, pattern=4)  # one kick, two chains: they complete together
+    q.wait(2)
+    assert w.coalescer.goal == 2
+    _clear(q.call)
+    return w
+
+
+def _clear(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+def _signalled(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_a_held_interrupt_goes_out_by_its_deadline(queues: Any) -> None:
+    (a,) = queues(1)
+    thread = IOThread("test-iothread")
+    thread.start()
+    w = _coalescing_worker(a, thread, hold_us=150_000)
+    t0 = time.monotonic()
+    a.pair.driver.submit_write(0, a.pair.gpa(0), 4096, tag=7)
+    os.eventfd_write(a.kick, 1)
+    deadline = t0 + 5
+    while a.pair.dq.used_idx != 3:  # completed and published at once ...
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert not _signalled(a.call, 0.05)  # ... but its interrupt waits for company
+    assert _signalled(a.call, 5)
+    assert time.monotonic() - t0 >= 0.14
+    assert w.coalescer.timeouts == 1 and w.interrupts >= 2
+    a.wait(3)
+    assert (7, Status.OK) in a.done
+    thread.remove(w)
+    thread.stop()
+
+
+def test_removing_a_queue_releases_its_held_interrupt(queues: Any) -> None:
+    (a,) = queues(1)
+    thread = IOThread("test-iothread")
+    thread.start()
+    w = _coalescing_worker(a, thread, hold_us=10_000_000)
+    a.pair.driver.submit_write(0, a.pair.gpa(0), 4096, tag=7)
+    os.eventfd_write(a.kick, 1)
+    deadline = time.monotonic() + 5
+    while not w.coalescer.pending:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert not _signalled(a.call, 0.05)
+    thread.remove(w)
+    assert _signalled(a.call, 0)  # at once, not after ten seconds
+    assert w.coalescer.timeouts == 0
+    thread.stop()

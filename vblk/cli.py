@@ -72,6 +72,7 @@ def _int_between(lo: int, hi: int) -> Callable[[str], int]:
 
 
 _poll_us = _int_between(0, 1_000_000)
+_coalesce_us = _int_between(0, 100_000)
 _thread_count = _int_between(1, 256)
 
 
@@ -97,6 +98,7 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from vblk.io.engines import ENGINES
+    from vblk.virtio.coalesce import DEFAULT_HOLD_US
 
     parser = _Parser(prog="vblk", description="The virtio-blk I/O stack in Python.")
     parser.add_argument("--version", action="version", version=f"vblk {__version__}")
@@ -166,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="adaptive polling: watch the avail ring up to US microseconds before sleeping "
         "(default 0, off; costs CPU, pays off when the backend has a core to itself)",
     )
+    serve.add_argument(
+        "--coalesce-us",
+        type=_coalesce_us,
+        default=DEFAULT_HOLD_US,
+        metavar="US",
+        help="interrupt coalescing: let a completion's interrupt wait up to US microseconds "
+        f"for more completions to share it, adaptively (default {DEFAULT_HOLD_US}; 0 signals "
+        "each completion at once)",
+    )
     _add_log_level(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -234,6 +245,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         io_threads=args.io_threads,
         poll_us=args.poll_us,
         threads=min(args.queue_threads, args.num_queues),
+        coalesce_us=args.coalesce_us,
         socket_mode=args.socket_mode,
     )
 
@@ -253,7 +265,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         min(args.queue_threads, args.num_queues),
         f"--aio {engine}"
         + (f" ({args.io_threads} threads each)" if engine == "threads" else "")
-        + (f", polling up to {args.poll_us} us" if args.poll_us else ""),
+        + (f", polling up to {args.poll_us} us" if args.poll_us else "")
+        + (f", coalescing interrupts up to {args.coalesce_us} us" if args.coalesce_us else ""),
     )
     server.serve_forever()
     image.close()

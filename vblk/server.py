@@ -36,6 +36,7 @@ from vblk.vhost_user.codec import (
     unpack_fds,
 )
 from vblk.vhost_user.defs import HEADER_SIZE, MAX_PAYLOAD
+from vblk.virtio.coalesce import DEFAULT_HOLD_US
 from vblk.worker import IOThread, QueueWorker
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,19 @@ class _ConnectionQueues:
     """
 
     def __init__(
-        self, device: BlockDevice, engine: str, io_threads: int, poll_us: int, threads: int
+        self,
+        device: BlockDevice,
+        engine: str,
+        io_threads: int,
+        poll_us: int,
+        threads: int,
+        coalesce_us: int,
     ) -> None:
         self.device = device
         self.engine = engine
         self.io_threads = io_threads
         self.poll_us = poll_us
+        self.coalesce_us = coalesce_us
         self.threads: list[IOThread | None] = [None] * max(1, threads)
         self.workers: dict[int, tuple[QueueWorker, IOThread]] = {}
 
@@ -84,7 +92,7 @@ class _ConnectionQueues:
                 thread = IOThread(f"vblk-iothread{slot}", self.poll_us)
                 thread.start()
                 self.threads[slot] = thread
-            worker = QueueWorker(vring, self.device, self.engine, self.io_threads)
+            worker = QueueWorker(vring, self.device, self.engine, self.io_threads, self.coalesce_us)
             self.workers[vring.index] = (worker, thread)
             thread.add(worker)
         finally:
@@ -117,6 +125,7 @@ class Server:
         io_threads: int = 4,
         poll_us: int = 0,
         threads: int = 1,
+        coalesce_us: int = DEFAULT_HOLD_US,
         socket_mode: int = DEFAULT_SOCKET_MODE,
     ) -> None:
         if not 0 <= socket_mode <= 0o777:
@@ -126,6 +135,7 @@ class Server:
         self.io_threads = io_threads
         self.poll_us = poll_us
         self.threads = threads
+        self.coalesce_us = coalesce_us
         self.socket_path = socket_path
         self.num_queues = num_queues
         self._shutdown = False
@@ -264,7 +274,12 @@ class Server:
 
     def _serve_connection(self, conn: socket.socket) -> None:
         queues = _ConnectionQueues(
-            self.device, self.engine, self.io_threads, self.poll_us, self.threads
+            self.device,
+            self.engine,
+            self.io_threads,
+            self.poll_us,
+            self.threads,
+            self.coalesce_us,
         )
         session = BackendSession(
             self.device, queues, num_queues=self.num_queues, max_queue_size=self.device.queue_size

@@ -26,8 +26,10 @@ from typing import cast
 
 from vblk.blk.device import BlockDevice, DataRequest, Stats
 from vblk.io.engines import ENGINES, make_engine
+from vblk.io.timer import Timer
 from vblk.io.uring import clear_eventfd
 from vblk.vhost_user.backend import Vring
+from vblk.virtio.coalesce import Coalescer
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,12 @@ class QueueWorker:
     """
 
     def __init__(
-        self, vring: Vring, device: BlockDevice, engine: str = "sync", io_threads: int = 4
+        self,
+        vring: Vring,
+        device: BlockDevice,
+        engine: str = "sync",
+        io_threads: int = 4,
+        coalesce_us: int = 0,
     ) -> None:
         assert vring.queue is not None
         self.vring = vring
@@ -76,6 +83,9 @@ class QueueWorker:
         self.polled = 0  # wake-ups that polling saved
         self.polling = False  # whether its thread polls (set by the IOThread)
         self.stats = Stats()
+        self.coalescer = Coalescer(coalesce_us * 1000)
+        self._pushed = self.queue.used_idx  # used index when completions were last counted
+        self._told = False  # the first decision always signals (a resumed ring may need it)
 
     @property
     def index(self) -> int:
@@ -126,23 +136,43 @@ class QueueWorker:
                 return False
 
     def complete(self) -> None:
-        """Reap the engine: status bytes, used ring, and an interrupt if the driver wants one."""
+        """Reap the engine: status bytes, used ring, and an interrupt now or soon.
+
+        The interrupt goes out when the driver wants one (EVENT_IDX) and the
+        coalescer (:mod:`vblk.virtio.coalesce`) does not hold it for company;
+        a held one is the :class:`IOThread`'s to release by its deadline.
+        """
         q = self.queue
         finish = self.device.finish
         stats = self.stats
         for token, res in self.engine.reap():
             data = cast(DataRequest, token)  # the only tokens drain submits; no check per I/O
             q.push(data.head, finish(data, res, stats))
-        if q.should_notify():
+        used = q.used_idx
+        n = (used - self._pushed) & 0xFFFF
+        self._pushed = used
+        if self.coalescer.completed(n, time.monotonic_ns()) or not self._told:
+            self._told = True
+            self.notify()
+
+    def notify(self) -> None:
+        """Interrupt the driver if it asked to hear of what was pushed since the last decision."""
+        if self.queue.should_notify():
             self.interrupts += 1
             self.vring.signal_call()
+
+    def flush(self) -> None:
+        """Release a held interrupt at once (the queue is stopping)."""
+        if self.coalescer.flush():
+            self.notify()
 
     def close(self) -> None:
         """Release the engine (nothing may be in flight) and log what the queue did."""
         self.engine.close()
         st = self.stats
+        co = self.coalescer
         log.info(
-            "queue %d: %d requests in %d batches, %d kicks, %d interrupts%s; "
+            "queue %d: %d requests in %d batches, %d kicks, %d interrupts%s%s; "
             "%d MiB read, %d MiB written, %d flushes, %d discards, %d write-zeroes, "
             "%d IOERR, %d UNSUPP",
             self.vring.index,
@@ -150,6 +180,7 @@ class QueueWorker:
             self.batches,
             self.kicks,
             self.interrupts,
+            f" ({co.held} held, {co.timeouts} released by the clock)" if co.hold_ns else "",
             f", {self.polled} found by polling" if self.polling else "",
             st.read_bytes >> 20,
             st.write_bytes >> 20,
@@ -197,6 +228,9 @@ class IOThread:
         self._serving: list[QueueWorker] = []  # workers whose kicks are watched
         self._leaving: list[_Leaving] = []
         self._busy: list[QueueWorker] = []  # stopped on their budget with work left
+        self._timer = Timer()  # wakes the loop when a held interrupt is due
+        self._poller.register(self._timer.fd, select.POLLIN)
+        self._coalescing = False  # some worker may hold interrupts
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
@@ -224,6 +258,7 @@ class IOThread:
             self.thread.join(STOP_TIMEOUT)
         if not self.thread.is_alive():
             os.close(self._wake)
+            self._timer.close()
 
     def _ask(self, add: bool, worker: QueueWorker, timeout: float) -> bool:
         done = threading.Event()
@@ -265,6 +300,7 @@ class IOThread:
         while not (self._closing and not self._serving and not self._leaving):
             if self._requests:
                 self._apply_requests()
+            due = self._release_due(now()) if self._coalescing else 0
             if self._busy:
                 ready = self._busy
                 reaped: list[QueueWorker] = []
@@ -276,7 +312,7 @@ class IOThread:
                 continue
             t0 = now()
             if self.poll_ns and self._serving:
-                found = self._poll(t0 + self.poll_ns)
+                found = self._poll(min(t0 + self.poll_ns, due or t0 + self.poll_ns))
                 if found:
                     for w in found:
                         w.polled += 1
@@ -284,6 +320,8 @@ class IOThread:
                     continue
             ready = []
             reaped = []
+            if due and due != self._timer.armed_at:
+                self._timer.arm(due)
             events = poll(100 if self._leaving else None)
             if self.poll_max_ns:
                 self._adapt(now() - t0)
@@ -309,6 +347,8 @@ class IOThread:
             if entry is None:
                 if fd == self._wake:
                     clear_eventfd(fd)
+                elif fd == self._timer.fd:
+                    self._timer.clear()
                 continue
             worker, is_kick = entry
             if is_kick:
@@ -348,6 +388,24 @@ class IOThread:
         w.queue.mark_broken("worker failed")
         w.vring.signal_err()
         self._unwatch_kick(w)
+
+    def _release_due(self, now: int) -> int:
+        """Signal the held interrupts whose time has come; the next deadline (0 if none)."""
+        next_at = 0
+        for w in self._serving[:]:  # a failed worker leaves the list
+            c = w.coalescer
+            at = c.deadline
+            if not at:
+                continue
+            if at <= now:
+                if c.expire(now):
+                    try:
+                        w.notify()
+                    except Exception:
+                        self._failed(w)
+            elif not next_at or at < next_at:
+                next_at = at
+        return next_at
 
     def _poll(self, deadline: int) -> list[QueueWorker]:
         """Spin until a driver adds work or an engine completes some, or ``deadline``.
@@ -391,6 +449,7 @@ class IOThread:
 
     def _watch(self, worker: QueueWorker) -> None:
         worker.polling = self.poll_max_ns > 0
+        self._coalescing = self._coalescing or worker.coalescer.hold_ns > 0
         self._serving.append(worker)
         kick = worker.vring.kick_fd
         self._fds[kick] = (worker, True)
@@ -421,6 +480,7 @@ class IOThread:
             w = lv.worker
             try:
                 w.complete()
+                w.flush()  # a stopping queue holds nothing back
             except Exception:
                 log.exception("queue %d: completing in-flight requests failed", w.index)
             if w.engine.inflight and time.monotonic() < lv.deadline:
