@@ -298,3 +298,24 @@ def test_removing_a_queue_releases_its_held_interrupt(queues: Any) -> None:
     assert _signalled(a.call, 0)  # at once, not after ten seconds
     assert w.coalescer.timeouts == 0
     thread.stop()
+
+
+def test_a_queue_that_breaks_releases_its_held_interrupt(queues: Any) -> None:
+    (a,) = queues(1)
+    thread = IOThread("test-iothread")
+    thread.start()
+    w = _coalescing_worker(a, thread, hold_us=10_000_000)
+    a.pair.driver.submit_write(0, a.pair.gpa(0), 4096, tag=7)
+    os.eventfd_write(a.kick, 1)
+    deadline = time.monotonic() + 5
+    while not w.coalescer.pending:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert not _signalled(a.call, 0.05)
+    avail = vdefs.ring_layout(64).avail  # then the driver breaks the ring
+    a.pair.mem[avail + 2 : avail + 4] = (3 + 64 + 5).to_bytes(2, "little")
+    os.eventfd_write(a.kick, 1)
+    assert _signalled(a.call, 2)  # the completion it already had is not left unannounced
+    assert a.pair.dq.broken is not None
+    thread.remove(w)
+    thread.stop()

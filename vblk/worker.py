@@ -468,6 +468,10 @@ class IOThread:
                 self._poller.unregister(kick)
         if worker in self._busy:
             self._busy.remove(worker)
+        try:
+            worker.flush()  # no deadline is watched from now on: what is held goes now
+        except Exception:
+            log.exception("queue %d: signalling held completions failed", worker.index)
 
     def _start_leaving(self, worker: QueueWorker, done: threading.Event) -> None:
         self._unwatch_kick(worker)
