@@ -14,6 +14,7 @@ import pytest
 from test_client_pair import Pair
 
 from vblk.blk.defs import ReqType, Status
+from vblk.io.uring import clear_eventfd
 from vblk.vhost_user.backend import Vring
 from vblk.virtio import defs as vdefs
 from vblk.worker import IOThread, QueueWorker
@@ -245,15 +246,21 @@ def _coalescing_worker(q: Queue, thread: IOThread, hold_us: int) -> QueueWorker:
     q.submit_writes(2, pattern=4)  # one kick, two chains: they complete together
     q.wait(2)
     assert w.coalescer.goal == 2
-    _clear(q.call)
+    clear_eventfd(q.call)
     return w
 
 
-def _clear(fd: int) -> None:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        pass
+def _hold_one(q: Queue, thread: IOThread) -> QueueWorker:
+    """A coalescing worker holding one completion's interrupt, for ten seconds if left alone."""
+    w = _coalescing_worker(q, thread, hold_us=10_000_000)
+    q.pair.driver.submit_write(0, q.pair.gpa(0), 4096, tag=7)
+    os.eventfd_write(q.kick, 1)
+    deadline = time.monotonic() + 5
+    while not w.coalescer.pending:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert not _signalled(q.call, 0.05)
+    return w
 
 
 def _signalled(fd: int, timeout: float) -> bool:
@@ -286,14 +293,7 @@ def test_removing_a_queue_releases_its_held_interrupt(queues: Any) -> None:
     (a,) = queues(1)
     thread = IOThread("test-iothread")
     thread.start()
-    w = _coalescing_worker(a, thread, hold_us=10_000_000)
-    a.pair.driver.submit_write(0, a.pair.gpa(0), 4096, tag=7)
-    os.eventfd_write(a.kick, 1)
-    deadline = time.monotonic() + 5
-    while not w.coalescer.pending:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    assert not _signalled(a.call, 0.05)
+    w = _hold_one(a, thread)
     thread.remove(w)
     assert _signalled(a.call, 0)  # at once, not after ten seconds
     assert w.coalescer.timeouts == 0
@@ -304,14 +304,7 @@ def test_a_queue_that_breaks_releases_its_held_interrupt(queues: Any) -> None:
     (a,) = queues(1)
     thread = IOThread("test-iothread")
     thread.start()
-    w = _coalescing_worker(a, thread, hold_us=10_000_000)
-    a.pair.driver.submit_write(0, a.pair.gpa(0), 4096, tag=7)
-    os.eventfd_write(a.kick, 1)
-    deadline = time.monotonic() + 5
-    while not w.coalescer.pending:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    assert not _signalled(a.call, 0.05)
+    w = _hold_one(a, thread)
     avail = vdefs.ring_layout(64).avail  # then the driver breaks the ring
     a.pair.mem[avail + 2 : avail + 4] = (3 + 64 + 5).to_bytes(2, "little")
     os.eventfd_write(a.kick, 1)
