@@ -13,9 +13,10 @@ either gets exactly the status the model predicts, in its status byte, with
 the used length it predicts, or has no status byte and is refused; the image
 equals the model after every request; guest bytes change only inside the
 chain's device-writable buffers and the used ring; the canaries between
-regions survive. The worker target runs the same kind of chains through
-a QueueWorker on an IOThread with each I/O engine: every chain is answered or the
-queue is broken with a logged reason, and no exception escapes the worker.
+regions survive. The worker target runs the same kind of chains through a
+QueueWorker on an IOThread with each I/O engine, interrupt coalescing off and at
+its default: every chain is answered or the queue is broken with a logged
+reason, and no exception escapes the worker.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from vblk.io import uring
 from vblk.io.image import Image
 from vblk.vhost_user.backend import Vring
 from vblk.virtio import defs as vdefs
+from vblk.virtio.coalesce import DEFAULT_HOLD_US
 from vblk.virtio.queue import Chain, DeviceQueue
 from vblk.worker import IOThread, QueueWorker
 
@@ -446,10 +448,16 @@ def test_worker_engines_answer_or_break_with_a_reason(
     reached = {"answered": 0, "broken": 0}
 
     @fuzz_settings(60)
-    @given(plans=st.lists(_plan(), min_size=1, max_size=8), event_idx=st.booleans())
-    def run_worker(plans: list[Plan], event_idx: bool) -> None:
+    @given(
+        plans=st.lists(_plan(), min_size=1, max_size=8),
+        event_idx=st.booleans(),
+        coalesce_us=st.sampled_from([0, DEFAULT_HOLD_US]),
+    )
+    def run_worker(plans: list[Plan], event_idx: bool, coalesce_us: int) -> None:
         with case(f"worker-{engine}"):
-            answered, broken = worker_case(engine, devices[False], image_path, plans, event_idx)
+            answered, broken = worker_case(
+                engine, devices[False], image_path, plans, event_idx, coalesce_us
+            )
         reached["answered"] += answered
         reached["broken"] += broken
 
@@ -459,7 +467,12 @@ def test_worker_engines_answer_or_break_with_a_reason(
 
 
 def worker_case(
-    engine: str, device: BlockDevice, image_path: Path, plans: list[Plan], event_idx: bool
+    engine: str,
+    device: BlockDevice,
+    image_path: Path,
+    plans: list[Plan],
+    event_idx: bool,
+    coalesce_us: int = 0,
 ) -> tuple[int, bool]:
     """Run the plans through a QueueWorker; returns (chains answered, queue broken)."""
     before_image = image_path.read_bytes()
@@ -475,7 +488,7 @@ def worker_case(
     vring.call_fd = os.dup(call)
     errors = _Errors()
     logging.getLogger("vblk").addHandler(errors)
-    worker = QueueWorker(vring, device, engine, io_threads=3)
+    worker = QueueWorker(vring, device, engine, io_threads=3, coalesce_us=coalesce_us)
     thread = IOThread()
     thread.start()
     try:
