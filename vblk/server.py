@@ -23,6 +23,7 @@ import socket
 import stat
 import tempfile
 import time
+from dataclasses import dataclass
 
 from vblk.blk.device import BlockDevice
 from vblk.errors import ProtocolError, VblkError
@@ -56,6 +57,17 @@ class ServeError(VblkError):
     """The server cannot start as asked (socket in use, not writable, ...)."""
 
 
+@dataclass(frozen=True)
+class QueueSettings:
+    """How every running queue is served: the ``vblk serve`` options of the I/O path."""
+
+    engine: str = "sync"
+    io_threads: int = 4  # pool size per queue for the threads engine
+    poll_us: int = 0
+    threads: int = 1  # IOThreads per connection
+    coalesce_us: int = DEFAULT_HOLD_US
+
+
 class _ConnectionQueues:
     """The QueueHost of one connection: running rings spread over ``threads`` IOThreads.
 
@@ -63,21 +75,10 @@ class _ConnectionQueues:
     first queue they get and end with the connection.
     """
 
-    def __init__(
-        self,
-        device: BlockDevice,
-        engine: str,
-        io_threads: int,
-        poll_us: int,
-        threads: int,
-        coalesce_us: int,
-    ) -> None:
+    def __init__(self, device: BlockDevice, settings: QueueSettings) -> None:
         self.device = device
-        self.engine = engine
-        self.io_threads = io_threads
-        self.poll_us = poll_us
-        self.coalesce_us = coalesce_us
-        self.threads: list[IOThread | None] = [None] * max(1, threads)
+        self.settings = settings
+        self.threads: list[IOThread | None] = [None] * max(1, settings.threads)
         self.workers: dict[int, tuple[QueueWorker, IOThread]] = {}
 
     def start_queue(self, vring: Vring) -> None:
@@ -89,10 +90,11 @@ class _ConnectionQueues:
             slot = vring.index % len(self.threads)
             thread = self.threads[slot]
             if thread is None:
-                thread = IOThread(f"vblk-iothread{slot}", self.poll_us)
+                thread = IOThread(f"vblk-iothread{slot}", self.settings.poll_us)
                 thread.start()
                 self.threads[slot] = thread
-            worker = QueueWorker(vring, self.device, self.engine, self.io_threads, self.coalesce_us)
+            st = self.settings
+            worker = QueueWorker(vring, self.device, st.engine, st.io_threads, st.coalesce_us)
             self.workers[vring.index] = (worker, thread)
             thread.add(worker)
         finally:
@@ -131,11 +133,7 @@ class Server:
         if not 0 <= socket_mode <= 0o777:
             raise ServeError(f"socket mode {socket_mode:#o} is not a permission mode (0..0777)")
         self.device = device
-        self.engine = engine
-        self.io_threads = io_threads
-        self.poll_us = poll_us
-        self.threads = threads
-        self.coalesce_us = coalesce_us
+        self.queue_settings = QueueSettings(engine, io_threads, poll_us, threads, coalesce_us)
         self.socket_path = socket_path
         self.num_queues = num_queues
         self._shutdown = False
@@ -273,14 +271,7 @@ class Server:
         log.warning("refused a second frontend: a frontend is already attached")
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        queues = _ConnectionQueues(
-            self.device,
-            self.engine,
-            self.io_threads,
-            self.poll_us,
-            self.threads,
-            self.coalesce_us,
-        )
+        queues = _ConnectionQueues(self.device, self.queue_settings)
         session = BackendSession(
             self.device, queues, num_queues=self.num_queues, max_queue_size=self.device.queue_size
         )
