@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import need_io_uring
 
 import vblk.client
 from vblk.blk.defs import ReqType, Status
@@ -263,11 +264,8 @@ def test_sigint_is_prompt_even_with_a_stalled_frontend(tmp_path: Path) -> None:
 def test_io_engines_move_the_right_bytes(
     tmp_path: Path, engine: str, direct: bool, poll_us: int, queue_threads: int
 ) -> None:
-    from vblk.io import uring
-
-    if engine == "io_uring" and not uring.available():
-        assert not os.environ.get("CI"), "io_uring must work on the CI machine"
-        pytest.skip("io_uring not allowed here")
+    if engine == "io_uring":
+        need_io_uring()
     img = tmp_path / "e.img"
     with open(img, "wb") as f:
         f.truncate(IMG_SIZE)
@@ -446,11 +444,8 @@ def test_shutdown_leaves_a_socket_that_is_no_longer_ours(tmp_path: Path) -> None
 @pytest.mark.parametrize("engine", ["sync", "io_uring", "threads"])
 def test_zero_length_data_descriptor_is_served_by_every_engine(tmp_path: Path, engine: str) -> None:
     """A zero-length buffer inside a read once stopped the io_uring engine's queue (fuzz find)."""
-    from vblk.io import uring
-
-    if engine == "io_uring" and not uring.available():
-        assert not os.environ.get("CI"), "io_uring must work on the CI machine"
-        pytest.skip("io_uring not allowed here")
+    if engine == "io_uring":
+        need_io_uring()
     proc = _serve(tmp_path, "--aio", engine)
     try:
         with vblk.client.connect(str(tmp_path / "a.sock"), timeout=10, mem_size=1 << 20) as dev:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import need_io_uring
 from test_client_pair import Pair
 
 from vblk.blk.defs import ReqType, Status
@@ -75,11 +76,8 @@ def queues(tmp_path: Path) -> Any:
 
 @pytest.mark.parametrize("engine", ["sync", "threads", "io_uring"])
 def test_one_thread_serves_every_queue(queues: Any, engine: str) -> None:
-    from vblk.io import uring
-
-    if engine == "io_uring" and not uring.available():
-        assert not os.environ.get("CI"), "io_uring must work on the CI machine"
-        pytest.skip("io_uring not allowed here")
+    if engine == "io_uring":
+        need_io_uring()
     qs = queues(3)
     thread = IOThread("test-iothread")
     thread.start()
