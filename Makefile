@@ -1,6 +1,8 @@
 # The README's two commands are `make demo` and `make test`; the rest are for developers.
 # Everything runs as root on Debian bookworm (scripts/install-deps.sh installs QEMU etc.).
-PYTHON ?= python3
+# The venv scripts/install-deps.sh makes from Debian's python3 (it sees python3-libnbd and
+# python3-rbd); PYTHON=... runs everything with another interpreter.
+PYTHON ?= $(CURDIR)/.venv/bin/python
 
 .PHONY: demo test deps lint fmt unit e2e e2e-qsd soak interop compare guest clean
 
