@@ -62,25 +62,27 @@ class TraceResult(TypedDict):
     requests: list[TraceRecord]
     events: list[TraceEvent]
     dropped: int
+    dropped_events: int
     sample_every: int
 
 
 class _Trace:
     """A bounded in-memory ring of traced requests and instants; full means dropped."""
 
-    __slots__ = ("dropped", "events", "limit", "requests")
+    __slots__ = ("dropped", "dropped_events", "events", "limit", "requests")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.requests: list[TraceRecord] = []
         self.events: list[TraceEvent] = []
         self.dropped = 0
+        self.dropped_events = 0
 
     def event(self, name: str, ns: int) -> None:
         if len(self.events) < self.limit:
             self.events.append((name, ns))
         else:
-            self.dropped += 1
+            self.dropped_events += 1
 
 
 class QueueStages:
@@ -234,5 +236,6 @@ class QueueStages:
             "requests": trace.requests,
             "events": trace.events,
             "dropped": trace.dropped,
+            "dropped_events": trace.dropped_events,
             "sample_every": every,
         }
