@@ -32,6 +32,7 @@ def test_stage_spans_of_one_request() -> None:
     clock = FakeClock()
     st = QueueStages(8, sample_every=1)
     st.woke(clock())
+    st.pass_started(clock.ns)
     _one_request(st, clock, 3, (1_000, 2_000, 50_000, 3_000))
     assert st.snapshot()["backend"]["count"] == 0  # nothing recorded before the interrupt
     st.notified(clock(7_000))
@@ -55,6 +56,7 @@ def test_parts_add_up_to_backend_over_many_requests() -> None:
     st = QueueStages(4, sample_every=1)
     for batch in range(50):
         st.woke(clock(10_000))
+        st.pass_started(clock.ns)
         for head in range(4):
             _one_request(st, clock, head, (100 + head, 300 * batch, 9_000 + head, 50))
         st.notified(clock(batch * 11), signalled=batch % 2 == 0)
@@ -121,6 +123,7 @@ def test_trace_keeps_records_events_and_drops_beyond_limit() -> None:
     st.start_trace(sample_every=1, limit=3)
     assert st.sample_every == 1
     st.woke(clock(5))
+    st.pass_started(clock.ns)
     for head in range(4):
         _one_request(st, clock, head, (10, 20, 30, 40))
     st.notified(clock(50))
@@ -149,3 +152,13 @@ def test_bad_arguments() -> None:
         QueueStages(4, sample_every=0)
     with pytest.raises(ValueError):
         QueueStages(4).start_trace(0, 10)
+
+
+def test_queue_wait_counts_from_the_pass_not_the_kick() -> None:
+    clock = FakeClock()
+    st = QueueStages(2, sample_every=1)
+    st.woke(clock())
+    st.pass_started(clock(1_000_000))  # a later pass of the drain, long after the kick
+    _one_request(st, clock, 0, (300, 1, 1, 1))
+    st.notified(clock(1))
+    assert st.snapshot()["queue_wait"]["sum_ns"] == 300

@@ -20,6 +20,7 @@ def _traced(queue: int, inflight: int, batches: int) -> TraceResult:
     for b in range(batches):
         now += 3_000
         st.woke(now)
+        st.pass_started(now)
         for h in range(inflight):
             now += 700
             st.popped(h, now)

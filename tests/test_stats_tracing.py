@@ -32,6 +32,7 @@ class FakeExport:
                 self._countdown[qi] = st.sample_every
                 self.ns += 1000
                 st.woke(self.ns)
+                st.pass_started(self.ns)
                 st.popped(0, self.ns + 100)
                 st.submitted(0, self.ns + 200, KIND_READ, 0, 4096)
                 st.completed(0, self.ns + 300)

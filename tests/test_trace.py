@@ -17,6 +17,7 @@ def _answer() -> dict[str, Any]:
     st = QueueStages(4, sample_every=1)
     st.start_trace(1, 100)
     st.woke(1000)
+    st.pass_started(1000)
     st.popped(1, 2000)
     st.submitted(1, 3000, KIND_WRITE, 8192, 4096)
     st.completed(1, 9000)

@@ -12,6 +12,12 @@ the spans between them::
     notify      push   -> interrupt  (including any coalescing hold)
     backend     pop    -> interrupt  (= device + host_io + complete + notify, exactly)
 
+"Wake" is the start of the pass over the avail ring that finds the request:
+the first pass after a kick or a poll hit, or a later pass of the same drain
+(with EVENT_IDX the driver does not kick while the backend drains, so the
+last kick can be long past). The backend cannot see when the driver put the
+chain on the ring; queue_wait is the wait behind the chains popped before it.
+
 "Interrupt" is the moment the backend decides the driver has been told: the
 call eventfd was signalled, or EVENT_IDX said the driver did not ask (it is
 still processing the ring and will see the entry).
@@ -125,10 +131,13 @@ class QueueStages:
     # -- the request's path ----------------------------------------------------------
 
     def woke(self, now: int) -> None:
-        """The queue's thread woke for a kick (or its poll found work)."""
-        self.wake_ns = now
+        """The queue's thread read a kick (a trace shows it; the next pass sets the wake)."""
         if self.trace is not None:
             self.trace.event("kick", now)
+
+    def pass_started(self, now: int) -> None:
+        """A pass over the avail ring begins: queue_wait of what it pops counts from here."""
+        self.wake_ns = now
 
     def popped(self, head: int, now: int) -> None:
         self._wake[head] = self.wake_ns or now
