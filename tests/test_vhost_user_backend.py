@@ -689,7 +689,7 @@ def test_a_refused_ring_size_never_starts_with_the_previous_one(
 def test_a_refused_ring_base_is_remembered_too(
     session: tuple[BackendSession, RecordingHost], guest_ram: bytearray
 ) -> None:
-    s, host = session
+    s, _ = session
     negotiate(s)
     set_mem(s)
     send(s, Request.SET_VRING_BASE, VringState(0, 7))
