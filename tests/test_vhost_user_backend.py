@@ -720,5 +720,6 @@ def test_a_small_ring_without_indirect_descriptors_is_refused(
     capped = BlockDevice(device.image, num_queues=2, queue_size=64)
     s2 = BackendSession(capped, RecordingHost(), num_queues=2, max_queue_size=64)
     send(s2, Request.SET_FEATURES, U64(1 << vdefs.VIRTIO_F_VERSION_1))
+    send(s2, Request.SET_PROTOCOL_FEATURES, U64(PROTOCOL_FEATURES))
     r = send(s2, Request.SET_VRING_NUM, VringState(0, 64), need_reply=True)
     assert r is not None and r.payload == U64(0)
