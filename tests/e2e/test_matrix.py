@@ -104,4 +104,4 @@ def test_default_backend_serves_the_set_up(
     if case.config_wce:
         assert v["cache_switch"] == "ok" and v["cache_type_after"] == "write_through"
     else:
-        assert v["cache_switch"] == "no" and v["cache_type_after"] == "write_back"
+        assert v["cache_switch"] == "no" and v["cache_type_after"] == v["cache_type"]
