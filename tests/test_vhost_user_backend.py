@@ -12,6 +12,7 @@ import pytest
 from vblk.blk.defs import ReqType, Status
 from vblk.blk.device import BlockDevice, Stats
 from vblk.io.image import Image
+from vblk.storage.file import FileStorage
 from vblk.vhost_user.backend import PROTOCOL_FEATURES, BackendSession, Vring
 from vblk.vhost_user.codec import (
     U64,
@@ -61,7 +62,7 @@ def guest_ram() -> bytearray:
 def device(tmp_path: Path) -> Iterator[BlockDevice]:
     p = tmp_path / "d.img"
     Image.create(str(p), 4 << 20)
-    img = Image(str(p))
+    img = FileStorage(str(p), aio="sync")
     yield BlockDevice(img, num_queues=2, serial="sess")
     img.close()
 
