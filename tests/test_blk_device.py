@@ -6,13 +6,16 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from helpers import MemStorage
 
 from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
 from vblk.blk.defs import Feature, ReqType, Status
 from vblk.blk.device import MAX_DISCARD_SECTORS, BlockDevice, Stats
 from vblk.io.image import Image
+from vblk.storage.base import FLAG_UNMAP, Op
 from vblk.storage.file import FileStorage
 from vblk.virtio.queue import Chain
 
@@ -372,3 +375,97 @@ def test_short_path_matches_the_full_parse(image_path: Path, shape: str, read_on
         assert not isinstance(got, DataRequest), f"{shape}: refused by the full path only"
         assert c.writable[-1][-1] == Status.IOERR
     img.close()
+
+
+# -- what the device derives from the storage's capabilities ------------------------------
+
+
+def _mem_device(**kw: Any) -> tuple[BlockDevice, MemStorage]:
+    short = kw.pop("short", 0)
+    mem = MemStorage(1 << 20, short=short, **kw)
+    return BlockDevice(mem), mem
+
+
+def test_features_follow_the_capabilities() -> None:
+    def has(dev: BlockDevice, f: Feature) -> bool:
+        return bool(dev.features & (1 << f))
+
+    dev, _ = _mem_device(discard=True, write_zeroes=True, zeroes_unmap=True)
+    assert has(dev, Feature.FLUSH) and has(dev, Feature.CONFIG_WCE) and has(dev, Feature.DISCARD)
+    assert has(dev, Feature.WRITE_ZEROES) and not has(dev, Feature.RO)
+    assert dev.config.write_zeroes_may_unmap == 1
+    dev, _ = _mem_device(flush=False)
+    assert not has(dev, Feature.FLUSH) and not has(dev, Feature.CONFIG_WCE)
+    assert not has(dev, Feature.DISCARD) and dev.config.max_discard_sectors == 0
+    assert has(dev, Feature.WRITE_ZEROES) and dev.config.write_zeroes_may_unmap == 0
+    dev, _ = _mem_device(writable=False)
+    assert has(dev, Feature.RO) and not has(dev, Feature.WRITE_ZEROES) and dev.read_only
+    dev, _ = _mem_device(
+        block_size=4096, opt_io_size=65536, discard=True, discard_granularity=1 << 20
+    )
+    cfg = dev.config
+    assert (cfg.blk_size, cfg.opt_io_size, cfg.discard_sector_alignment) == (4096, 16, 2048)
+    with pytest.raises(ValueError, match="power of two"):
+        _mem_device(block_size=1000)
+
+
+def test_block_size_alignment_is_enforced() -> None:
+    dev, mem = _mem_device(block_size=4096)
+    assert request(dev, ReqType.IN, 8, in_len=4096)[0] == Status.OK
+    assert request(dev, ReqType.IN, 1, in_len=4096)[0] == Status.IOERR  # 512-aligned only
+    assert request(dev, ReqType.IN, 8, in_len=512)[0] == Status.IOERR
+    assert request(dev, ReqType.OUT, 8, b"x" * 1024)[0] == Status.IOERR
+    assert [op[:3] for op in mem.ops] == [(Op.READ, 4096, 4096)]
+
+
+def test_write_zeroes_without_storage_support_writes_zero_buffers() -> None:
+    mem = MemStorage(4 << 20, write_zeroes=False)
+    mem.data[:] = b"\xff" * len(mem.data)
+    dev = BlockDevice(mem)
+    n = 3 << 20  # three chunks of the shared zero buffer, and a bit
+    assert request(dev, ReqType.WRITE_ZEROES, 0, seg(8, (n + 4096) >> 9))[0] == Status.OK
+    assert mem.ops == [(Op.WRITE, 4096, n + 4096, 0)]
+    assert mem.data[4096 : 8192 + n] == bytes(n + 4096)
+    assert mem.data[:4096] == b"\xff" * 4096 and mem.data[8192 + n] == 0xFF
+
+
+def test_write_zeroes_unmap_flag_reaches_the_storage_only_where_offered() -> None:
+    dev, mem = _mem_device(write_zeroes=True, zeroes_unmap=True)
+    assert request(dev, ReqType.WRITE_ZEROES, 0, seg(0, 8, 1))[0] == Status.OK
+    assert mem.ops[-1] == (Op.WRITE_ZEROES, 0, 4096, FLAG_UNMAP)
+    dev, mem = _mem_device(write_zeroes=True, zeroes_unmap=False)
+    assert request(dev, ReqType.WRITE_ZEROES, 0, seg(0, 8, 1))[0] == Status.OK
+    assert mem.ops[-1] == (Op.WRITE_ZEROES, 0, 4096, 0)
+
+
+def test_discard_not_offered_is_unsupp_and_flush_not_needed_is_ok() -> None:
+    dev, mem = _mem_device(discard=False, flush=False)
+    assert request(dev, ReqType.DISCARD, 0, seg(0, 8))[0] == Status.UNSUPP
+    assert request(dev, ReqType.FLUSH, 0)[0] == Status.OK
+    assert mem.ops == []  # no flush to do: writes are durable at once
+
+
+def test_short_transfers_are_resubmitted_until_done() -> None:
+    dev, mem = _mem_device(short=1000)
+    payload = os.urandom(8192)
+    assert request(dev, ReqType.OUT, 0, payload)[0] == Status.OK
+    assert mem.data[:8192] == payload
+    assert [o[1] for o in mem.ops] == list(range(0, 8192, 1000))
+    st, got, used = request(dev, ReqType.IN, 0, in_len=8192)
+    assert (st, got, used) == (Status.OK, payload, 8193)
+
+
+def test_storage_failures_are_ioerr_for_that_request_alone() -> None:
+    dev, mem = _mem_device(discard=True)
+    mem.fail = {Op.FLUSH, Op.DISCARD}
+    assert request(dev, ReqType.FLUSH, 0)[0] == Status.IOERR
+    assert request(dev, ReqType.DISCARD, 0, seg(0, 8))[0] == Status.IOERR
+    assert request(dev, ReqType.OUT, 0, b"k" * 512)[0] == Status.OK
+    dev.config.writeback = 0  # writethrough: the write's own flush fails, so does the write
+    assert request(dev, ReqType.OUT, 0, b"k" * 512)[0] == Status.IOERR
+
+
+def test_discard_segments_run_one_after_another() -> None:
+    dev, mem = _mem_device(discard=True)
+    assert request(dev, ReqType.DISCARD, 0, seg(0, 8) + seg(64, 0) + seg(128, 16))[0] == Status.OK
+    assert mem.ops == [(Op.DISCARD, 0, 4096, 0), (Op.DISCARD, 128 * 512, 8192, 0)]

@@ -86,10 +86,12 @@ class PluginStorage:
             raise StorageError(
                 f"{label}: thread_model {self.thread_model!r} is not one of {THREAD_MODELS}"
             )
-        threads = getattr(disk, "threads", DEFAULT_THREADS)
-        if not isinstance(threads, int) or not 1 <= threads <= 256:
-            raise StorageError(f"{label}: threads must be an integer in 1..256, got {threads!r}")
-        self.threads = 1 if self.thread_model == "serialize" else threads
+        threads = 1
+        if self.thread_model == "parallel":
+            threads = getattr(disk, "threads", DEFAULT_THREADS)
+            if not isinstance(threads, int) or not 1 <= threads <= 256:
+                raise StorageError(f"{label}: threads must be an int in 1..256, got {threads!r}")
+        self.threads = threads
         self.description = (
             f"python plugin {label} ({self.thread_model}"
             + (f", {self.threads} threads" if self.threads > 1 else "")

@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import threading
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -202,17 +203,25 @@ class Disk:
 
 
 def open_disk(
-    spec: str, *, read_only: bool = False, format: str | None = None, **opts: Any
+    spec: str,
+    /,
+    *,
+    read_only: bool = False,
+    format: str | None = None,
+    opts: Mapping[str, str] | None = None,
+    **kw: Any,
 ) -> Disk:
     """Open any spec ``vblk serve`` takes, as a blocking :class:`Disk`; StorageError if it cannot.
 
-    ``opts`` are the spec's ``--opt`` pairs (values are turned into strings).
+    The spec's ``--opt`` pairs come as ``opts`` and/or keywords (values are
+    turned into strings). Raw files are used without threads of their own.
     """
     from vblk.storage.spec import open_storage
 
+    pairs = {**(opts or {}), **kw}
     storage = open_storage(
         spec,
-        opts={k: str(v) for k, v in opts.items()},
+        opts={k: str(v) for k, v in pairs.items()},
         read_only=read_only,
         direct=False,
         fmt=format,
