@@ -21,3 +21,6 @@ class RamDisk:
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         self.view[offset : offset + length] = bytes(length)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length, True)
