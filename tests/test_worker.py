@@ -16,6 +16,7 @@ from test_client_pair import Pair
 
 from vblk.blk.defs import ReqType, Status
 from vblk.io.uring import clear_eventfd
+from vblk.stats.stages import KINDS
 from vblk.vhost_user.backend import Vring
 from vblk.virtio import defs as vdefs
 from vblk.worker import IOThread, QueueWorker
@@ -316,3 +317,160 @@ def test_a_queue_that_breaks_releases_its_held_interrupt(queues: Any) -> None:
     assert a.pair.dq.broken is not None
     thread.remove(w)
     thread.stop()
+
+
+# -- stage timing ------------------------------------------------------------------
+
+#: What one storage operation takes on the fake clock.
+STORAGE_NS = 1_000
+#: What every other clock reading advances it by.
+TICK_NS = 10
+
+
+class FakeClock:
+    """A monotonic ns clock that moves by TICK_NS per reading, or by hand."""
+
+    def __init__(self) -> None:
+        self.ns = 1_000_000
+
+    def __call__(self) -> int:
+        self.ns += TICK_NS
+        return self.ns
+
+
+class ClockedQueue:
+    """A storage queue whose every operation takes STORAGE_NS of the fake clock."""
+
+    def __init__(self, inner: Any, clock: FakeClock) -> None:
+        self.inner = inner
+        self.clock = clock
+        self.submits = 0
+        self.fd = inner.fd
+
+    def submit(
+        self, op: int, offset: int, length: int, bufs: Any, flags: int, token: object
+    ) -> None:
+        self.submits += 1
+        self.clock.ns += STORAGE_NS
+        self.inner.submit(op, offset, length, bufs, flags, token)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _timed_worker(q: Queue, sample_every: int) -> tuple[QueueWorker, FakeClock, ClockedQueue]:
+    """A worker with no thread (the test calls drain()) on a fake clock."""
+    q.pair.use_engine("sync")
+    w = QueueWorker(q.vring, q.pair.device, sample_every=sample_every)
+    clock = FakeClock()
+    w.clock = clock
+    engine = ClockedQueue(w.engine, clock)
+    w.engine = engine
+    return w, clock, engine
+
+
+def _one_at_a_time(q: Queue, w: QueueWorker, submit: Any, n: int) -> None:
+    """Submit and drain ``n`` requests, one per drain, and reap them."""
+    for i in range(n):
+        submit(i)
+        assert w.drain() is False
+    q.pair.driver.reap(q.done)
+    assert len(q.done) == n and all(s == Status.OK for _, s in q.done)
+
+
+def test_every_request_timed_and_its_stages_add_up_to_backend(queues: Any) -> None:
+    (a,) = queues(1)
+    w, _, _ = _timed_worker(a, sample_every=1)
+    drv = a.pair.driver
+    _one_at_a_time(a, w, lambda i: drv.submit_read(i * 8, a.pair.gpa(0), 4096, tag=i), 10)
+    snap = w.stages.snapshot()
+    assert all(snap[s]["count"] == 10 for s in snap), {s: snap[s]["count"] for s in snap}
+    parts = sum(snap[s]["sum_ns"] for s in ("device", "host_io", "complete", "notify"))
+    assert parts == snap["backend"]["sum_ns"]
+    # host_io is the storage's time plus the one reading that saw it done.
+    assert snap["host_io"]["sum_ns"] == 10 * (STORAGE_NS + TICK_NS)
+    assert w.stages.inflight == 0 and w.stages.pending == 0
+    w.close()
+
+
+def test_one_request_in_sample_every_is_timed(queues: Any) -> None:
+    (a,) = queues(1, size=128)
+    w, _, _ = _timed_worker(a, sample_every=4)
+    a.submit_writes(16, pattern=1)
+    assert w.drain() is False
+    a.pair.driver.reap(a.done)
+    assert len(a.done) == 16
+    assert w.stages.snapshot()["backend"]["count"] == 4
+    a.submit_writes(3, pattern=1)  # the countdown carries over from drain to drain
+    w.drain()
+    assert w.stages.snapshot()["backend"]["count"] == 4
+    a.submit_writes(1, pattern=1)
+    w.drain()
+    assert w.stages.snapshot()["backend"]["count"] == 5
+    assert not any(w.stages.pop_ns)
+    w.close()
+
+
+def test_host_io_of_a_write_runs_to_its_writethrough_flush(queues: Any) -> None:
+    """A request of several storage steps: host_io is first submit to last completion."""
+    (a,) = queues(1)
+    w, _, engine = _timed_worker(a, sample_every=1)
+    a.pair.device.config.writeback = 0
+    drv = a.pair.driver
+    _one_at_a_time(a, w, lambda i: drv.submit_write(i * 8, a.pair.gpa(0), 4096, tag=i), 4)
+    assert engine.submits == 8  # each write went on with its flush
+    snap = w.stages.snapshot()
+    assert snap["host_io"]["count"] == 4
+    assert snap["host_io"]["sum_ns"] >= 4 * 2 * STORAGE_NS
+    assert snap["host_io"]["sum_ns"] < 4 * 2 * (STORAGE_NS + 4 * TICK_NS)
+    parts = sum(snap[s]["sum_ns"] for s in ("device", "host_io", "complete", "notify"))
+    assert parts == snap["backend"]["sum_ns"]
+    w.close()
+
+
+def test_a_trace_names_each_request_kind_with_its_range(queues: Any) -> None:
+    (a,) = queues(1)
+    w, _, _ = _timed_worker(a, sample_every=32)
+    w.stages.start_trace(1, 100)
+    drv = a.pair.driver
+    _one_at_a_time(a, w, lambda i: drv.submit_write(8, a.pair.gpa(0), 4096, tag=i), 1)
+    a.done.clear()
+    requests = [
+        lambda i: drv.submit_read(16, a.pair.gpa(0), 8192, tag=i),
+        lambda i: drv.submit(ReqType.FLUSH, 0, tag=i),
+        lambda i: drv.submit(ReqType.GET_ID, 0, (), [(a.pair.gpa(0), 20)], tag=i),
+    ]
+    _one_at_a_time(a, w, lambda i: requests[i](i), 3)
+    result = w.stages.stop_trace(0)
+    kinds = [(KINDS[r[6]], r[7], r[8]) for r in result["requests"]]
+    assert kinds == [
+        ("write", 4096, 4096),
+        ("read", 8192, 8192),
+        ("flush", 0, 0),
+        ("get_id", 0, 0),
+    ]
+    get_id = result["requests"][-1]
+    assert get_id[3] == get_id[2]  # answered by the device: no host_io
+    assert w.stages.sample_every == 32
+    w.close()
+
+
+def test_a_sampled_interrupt_held_by_the_coalescer_counts_in_notify(queues: Any) -> None:
+    (a,) = queues(1)
+    a.pair.use_engine("sync")
+    w = QueueWorker(a.vring, a.pair.device, coalesce_us=10_000_000, sample_every=1)
+    clock = FakeClock()
+    w.clock = clock
+    a.submit_writes(2, pattern=4)  # two together: the coalescer learns to wait for two
+    w.drain()
+    assert w.coalescer.goal == 2
+    before = w.stages.snapshot()["notify"]
+    a.pair.driver.submit_write(0, a.pair.gpa(0), 4096, tag=9)
+    w.drain()
+    assert w.coalescer.pending and w.stages.pending == 1  # pushed, interrupt held
+    clock.ns += 5_000_000
+    w.flush()
+    after = w.stages.snapshot()["notify"]
+    assert after["count"] == before["count"] + 1
+    assert after["sum_ns"] - before["sum_ns"] >= 5_000_000
+    w.close()

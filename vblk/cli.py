@@ -82,6 +82,7 @@ def _int_between(lo: int, hi: int) -> Callable[[str], int]:
 _poll_us = _int_between(0, 1_000_000)
 _coalesce_us = _int_between(0, 100_000)
 _thread_count = _int_between(1, 256)
+_stage_sample = _int_between(0, 1 << 20)
 
 
 def _socket_mode(text: str) -> int:
@@ -115,6 +116,7 @@ def _opt(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from vblk.io.engines import ENGINES
+    from vblk.stats.stages import DEFAULT_SAMPLE_EVERY
     from vblk.virtio.coalesce import DEFAULT_HOLD_US
     from vblk.virtio.defs import MAX_QUEUE_SIZE
 
@@ -217,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"for more completions to share it, adaptively (default {DEFAULT_HOLD_US}; 0 signals "
         "each completion at once)",
     )
+    serve.add_argument(
+        "--stage-sample",
+        type=_stage_sample,
+        default=DEFAULT_SAMPLE_EVERY,
+        metavar="N",
+        help="per-stage latency timing of one request in N per queue "
+        f"(default {DEFAULT_SAMPLE_EVERY}; 1 times every request, 0 none)",
+    )
     _add_log_level(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -251,6 +261,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from vblk.blk.device import BlockDevice
     from vblk.server import Server
     from vblk.storage.spec import open_storage
+    from vblk.worker import NEVER_SAMPLE
 
     _setup_logging(args.log_level)
     # Every thread (IOThreads, the storage queues' pools, the main loop) shares
@@ -292,6 +303,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             threads=min(args.queue_threads, args.num_queues),
             coalesce_us=args.coalesce_us,
             socket_mode=args.socket_mode,
+            sample_every=args.stage_sample or NEVER_SAMPLE,
         )
     except BaseException:
         storage.close()

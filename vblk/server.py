@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from vblk.blk.device import BlockDevice
 from vblk.errors import ProtocolError, VblkError
+from vblk.stats.stages import DEFAULT_SAMPLE_EVERY
 from vblk.vhost_user.backend import BackendSession, Vring
 from vblk.vhost_user.codec import (
     ANCILLARY_SPACE,
@@ -64,6 +65,7 @@ class QueueSettings:
     poll_us: int = 0
     threads: int = 1  # IOThreads per connection
     coalesce_us: int = DEFAULT_HOLD_US
+    sample_every: int = DEFAULT_SAMPLE_EVERY  # stage timing of one request in N per queue
 
 
 class _ConnectionQueues:
@@ -92,7 +94,7 @@ class _ConnectionQueues:
                 thread.start()
                 self.threads[slot] = thread
             st = self.settings
-            worker = QueueWorker(vring, self.device, st.coalesce_us)
+            worker = QueueWorker(vring, self.device, st.coalesce_us, st.sample_every)
             self.workers[vring.index] = (worker, thread)
             thread.add(worker)
         finally:
@@ -125,11 +127,12 @@ class Server:
         threads: int = 1,
         coalesce_us: int = DEFAULT_HOLD_US,
         socket_mode: int = DEFAULT_SOCKET_MODE,
+        sample_every: int = DEFAULT_SAMPLE_EVERY,
     ) -> None:
         if not 0 <= socket_mode <= 0o777:
             raise ServeError(f"socket mode {socket_mode:#o} is not a permission mode (0..0777)")
         self.device = device
-        self.queue_settings = QueueSettings(poll_us, threads, coalesce_us)
+        self.queue_settings = QueueSettings(poll_us, threads, coalesce_us, sample_every)
         self.socket_path = socket_path
         self.num_queues = num_queues
         self._shutdown = False

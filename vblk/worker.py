@@ -24,11 +24,25 @@ import time
 from collections import deque
 from typing import cast
 
-from vblk.blk.device import BlockDevice, DataRequest, Stats
+from vblk.blk.defs import HEADER_SIZE, SECTOR_SHIFT, ReqType
+from vblk.blk.device import BlockDevice, DataRequest, Pending, Stats
+from vblk.blk.request import HEADER
 from vblk.io.timer import Timer
 from vblk.io.uring import clear_eventfd
+from vblk.stats.stages import (
+    DEFAULT_SAMPLE_EVERY,
+    KIND_DISCARD,
+    KIND_FLUSH,
+    KIND_GET_ID,
+    KIND_OTHER,
+    KIND_READ,
+    KIND_WRITE,
+    KIND_WRITE_ZEROES,
+    QueueStages,
+)
 from vblk.vhost_user.backend import Vring
 from vblk.virtio.coalesce import Coalescer
+from vblk.virtio.queue import Chain
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +58,8 @@ DRAIN_BUDGET = 256
 __all__ = ["IOThread", "QueueWorker"]
 
 _HANGUP = select.POLLERR | select.POLLHUP | select.POLLNVAL
+#: ``sample_every`` that times no request (the countdown never reaches zero).
+NEVER_SAMPLE = 1 << 62
 
 
 class QueueWorker:
@@ -55,7 +71,13 @@ class QueueWorker:
     completion, so the used ring has one writer and the hot path takes no lock.
     """
 
-    def __init__(self, vring: Vring, device: BlockDevice, coalesce_us: int = 0) -> None:
+    def __init__(
+        self,
+        vring: Vring,
+        device: BlockDevice,
+        coalesce_us: int = 0,
+        sample_every: int = DEFAULT_SAMPLE_EVERY,
+    ) -> None:
         assert vring.queue is not None
         self.vring = vring
         self.queue = vring.queue
@@ -72,6 +94,11 @@ class QueueWorker:
         self.coalescer = Coalescer(coalesce_us * 1000)
         self._pushed = self.queue.used_idx  # used index when completions were last counted
         self._told = False  # the first decision always signals (a resumed ring may need it)
+        # Stage timing of one request in ``sample_every`` (vblk.stats.stages); the others
+        # cost one countdown in drain() and one check per reap and per interrupt decision.
+        self.stages = QueueStages(self.queue.size, sample_every)
+        self._countdown = sample_every
+        self.clock = time.monotonic_ns  # the stages' clock (tests use a fake one)
 
     @property
     def index(self) -> int:
@@ -88,31 +115,44 @@ class QueueWorker:
         engine = self.engine
         submit = engine.submit
         stats = self.stats
+        st = self.stages
+        clock = self.clock
+        # A trace may have lowered sample_every since the last drain.
+        countdown = min(self._countdown, st.sample_every)
         self.batches += 1
         n = 0
         while True:
             q.disable_notifications()
+            st.wake_ns = clock()  # queue_wait of what this pass pops counts from here
             while True:
                 chain = q.pop()
                 if chain is None:
                     break
-                started = start(chain, stats)
-                if isinstance(started, DataRequest):
-                    submit(started.op, started.offset, started.nbytes, started.bufs, 0, started)
-                elif isinstance(started, int):
-                    q.push(chain.head, started)
-                elif started is None:
-                    q.mark_broken(f"request {chain.head} has no status byte: {chain.error}")
-                    break
+                countdown -= 1
+                if not countdown:
+                    countdown = st.sample_every
+                    if not self._timed(chain):
+                        break
                 else:
-                    self.device.begin(started, engine)
+                    started = start(chain, stats)
+                    if isinstance(started, DataRequest):
+                        submit(started.op, started.offset, started.nbytes, started.bufs, 0, started)
+                    elif isinstance(started, int):
+                        q.push(chain.head, started)
+                    elif started is None:
+                        q.mark_broken(f"request {chain.head} has no status byte: {chain.error}")
+                        break
+                    else:
+                        self.device.begin(started, engine)
                 n += 1
                 if n % NOTIFY_BATCH == 0:
                     # A long batch: let the first requests start and finish early.
                     engine.commit()
                     self.complete()
                     if n >= budget:
+                        self._countdown = countdown
                         return q.broken is None
+            self._countdown = countdown
             engine.commit()
             self.complete()
             if q.broken is not None:
@@ -121,6 +161,31 @@ class QueueWorker:
                 return False
             if not q.enable_notifications():
                 return False
+
+    def _timed(self, chain: Chain) -> bool:
+        """:meth:`drain`'s work for one sampled chain, with its stage timestamps; False: broken."""
+        st = self.stages
+        clock = self.clock
+        q = self.queue
+        head = chain.head
+        popped = clock()
+        started = self.device.start(chain, self.stats)
+        if started is None:
+            q.mark_broken(f"request {head} has no status byte: {chain.error}")
+            return False
+        st.popped(head, popped)
+        if isinstance(started, DataRequest):
+            kind = KIND_WRITE if started.op else KIND_READ
+            st.submitted(head, clock(), kind, started.offset, started.nbytes)
+            self.engine.submit(started.op, started.offset, started.nbytes, started.bufs, 0, started)
+        elif isinstance(started, int):
+            st.inline(head, clock(), _kind_of(chain), 0, 0)
+            q.push(head, started)
+            st.pushed(head, clock())
+        else:
+            st.submitted(head, clock(), *_pending_args(started))
+            self.device.begin(started, self.engine)
+        return True
 
     def complete(self) -> None:
         """Reap the storage queue: status bytes, used ring, and an interrupt now or soon.
@@ -135,14 +200,25 @@ class QueueWorker:
         finish = self.device.finish
         stats = self.stats
         engine = self.engine
+        st = self.stages
+        timed_pop = st.pop_ns  # nonzero at a head while it is a sampled request in flight
+        clock = self.clock
         more = True
         while more:
             more = False
+            timed = st.inflight
+            reaped = clock() if timed else 0  # host_io ends when the backend sees it done
             for token, res in engine.reap():
                 data = cast(DataRequest, token)  # the only tokens drain submits; no check per I/O
                 n = finish(data, res, stats, engine)
                 if n >= 0:
-                    q.push(data.head, n)
+                    head = data.head
+                    if timed and timed_pop[head]:
+                        st.completed(head, reaped)
+                        q.push(head, n)
+                        st.pushed(head, clock())
+                    else:
+                        q.push(head, n)
                 else:
                     more = True
             if more:
@@ -157,9 +233,13 @@ class QueueWorker:
 
     def notify(self) -> None:
         """Interrupt the driver if it asked to hear of what was pushed since the last decision."""
-        if self.queue.should_notify():
+        signalled = self.queue.should_notify()
+        if signalled:
             self.interrupts += 1
             self.vring.signal_call()
+        st = self.stages
+        if st.pending or st.trace is not None:
+            st.notified(self.clock(), signalled)
 
     def flush(self) -> None:
         """Release a held interrupt at once (the queue is stopping)."""
@@ -190,6 +270,31 @@ class QueueWorker:
             st.ioerr,
             st.unsupp,
         )
+
+
+_KINDS: dict[int, int] = {
+    ReqType.IN: KIND_READ,
+    ReqType.OUT: KIND_WRITE,
+    ReqType.FLUSH: KIND_FLUSH,
+    ReqType.DISCARD: KIND_DISCARD,
+    ReqType.WRITE_ZEROES: KIND_WRITE_ZEROES,
+    ReqType.GET_ID: KIND_GET_ID,
+}
+
+
+def _kind_of(chain: Chain) -> int:
+    """The request kind a chain's header names (other when it has no readable header)."""
+    readable = chain.readable
+    if readable and len(readable[0]) >= HEADER_SIZE:
+        return _KINDS.get(HEADER.unpack_from(readable[0])[0], KIND_OTHER)
+    return KIND_OTHER
+
+
+def _pending_args(p: Pending) -> tuple[int, int, int]:
+    """Kind, offset and length of a multi-step request, for a trace."""
+    req = p.req
+    length = sum(step[2] for step in p.steps)
+    return _KINDS.get(req.type, KIND_OTHER), req.sector << SECTOR_SHIFT, length
 
 
 class _Leaving:
@@ -316,6 +421,8 @@ class IOThread:
                 if found:
                     for w in found:
                         w.polled += 1
+                        if w.stages.trace is not None:
+                            w.stages.woke(now())
                     self._serve(found, [])
                     continue
             ready = []
@@ -357,6 +464,8 @@ class IOThread:
                     self._unwatch_kick(worker)
                     continue
                 worker.kicks += os.eventfd_read(fd)
+                if worker.stages.trace is not None:
+                    worker.stages.woke(time.monotonic_ns())
                 if worker not in ready:
                     ready.append(worker)
             else:

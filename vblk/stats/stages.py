@@ -29,10 +29,10 @@ of each request are recorded together (so a snapshot taken between two
 batches is consistent: the stage sums add up to the backend sum).
 
 Timing every request costs far more than the 5%-of-IOPS budget in CPython
-(about 3 us per timed request, against about 5 us of CPU for a whole 4k read
-from the page cache), so by default one request in
-:data:`DEFAULT_SAMPLE_EVERY` is timed; the others cost the worker one
-countdown. A trace (:meth:`QueueStages.start_trace`) may
+(about 3.5 us of worker CPU per timed request, against about 7 us for a whole
+4k read from memory, and +40% backend CPU per I/O under ``vblk bench``), so
+by default one request in :data:`DEFAULT_SAMPLE_EVERY` is timed (``vblk
+serve --stage-sample``); the others cost the worker one countdown. A trace (:meth:`QueueStages.start_trace`) may
 raise the rate to every request while it runs.
 """
 
@@ -115,7 +115,7 @@ class QueueStages:
         self.generation = 0  # odd while notified() records (see snapshot())
         # By descriptor head, from pop to push.
         self._wake = [0] * size
-        self._pop = [0] * size
+        self.pop_ns = [0] * size  # nonzero while the head is a sampled request in flight
         self._submit = [0] * size
         self._done = [0] * size
         self._kind = [0] * size
@@ -141,7 +141,7 @@ class QueueStages:
 
     def popped(self, head: int, now: int) -> None:
         self._wake[head] = self.wake_ns or now
-        self._pop[head] = now
+        self.pop_ns[head] = now
         self.inflight += 1
 
     def submitted(self, head: int, now: int, kind: int, offset: int, length: int) -> None:
@@ -160,7 +160,7 @@ class QueueStages:
 
     def is_timed(self, head: int) -> bool:
         """Whether ``head`` is a sampled request between pop and push."""
-        return self._pop[head] != 0
+        return self.pop_ns[head] != 0
 
     def pushed(self, head: int, now: int) -> None:
         if self.pending == self._cap:
@@ -168,7 +168,7 @@ class QueueStages:
         i = self.pending
         p = self._pend
         p[0][i] = self._wake[head]
-        p[1][i] = self._pop[head]
+        p[1][i] = self.pop_ns[head]
         p[2][i] = self._submit[head]
         p[3][i] = self._done[head]
         p[4][i] = now
@@ -176,7 +176,7 @@ class QueueStages:
         p[6][i] = self._offset[head]
         p[7][i] = self._length[head]
         self.pending = i + 1
-        self._pop[head] = 0
+        self.pop_ns[head] = 0
         self.inflight -= 1
 
     def notified(self, now: int, signalled: bool = True) -> None:
