@@ -271,7 +271,7 @@ class NbdQueue:
     def close(self) -> None:
         h, self._h = self._h, None
         if h is not None:
-            self._storage._give_back(h, self._inflight == 0)
+            self._storage._give_back(h)
         self._ep.close()
         os.close(self._efd)
         self.fd = None
@@ -338,9 +338,11 @@ class NbdStorage:
         self._lock = threading.Lock()
         first = connect()
         self.caps, self.multi_conn = _caps(first, read_only)
-        # Idle connections; the first stays open while the storage lives (a child qemu-nbd
-        # exits when its last client goes, and qemu-nbd without -t would too).
-        self._spare: list[nbd.NBD] = [first]
+        # A child qemu-nbd exits when its last client goes: its first connection is never
+        # handed to a queue and stays open, idle, while the storage lives. A server of
+        # the user's may take one client only: there the first queue gets it.
+        self._keep: nbd.NBD | None = first if child is not None else None
+        self._spare: list[nbd.NBD] = [] if child is not None else [first]
         self._queues = 0
         self._closed = False
 
@@ -362,12 +364,11 @@ class NbdStorage:
                 raise
         return NbdQueue(self, h)
 
-    def _give_back(self, h: nbd.NBD, clean: bool) -> None:
+    def _give_back(self, h: nbd.NBD) -> None:
         with self._lock:
             self._queues -= 1
-            if clean and not self._closed and not (h.aio_is_dead() or h.aio_is_closed()):
-                self._spare.append(h)
-                return
+        # A closed queue's connection is closed, never handed on: a libnbd handle stays
+        # with the one thread that drove it.
         _disconnect(h)
 
     def resize(self, size: int) -> Capabilities:
@@ -377,6 +378,9 @@ class NbdStorage:
         with self._lock:
             self._closed = True
             spare, self._spare = self._spare, []
+            if self._keep is not None:
+                spare.append(self._keep)
+                self._keep = None
         while spare:
             _disconnect(spare.pop())
         if self._child is not None:
