@@ -125,7 +125,7 @@ def test_nbd_via_nbdkit(tmp_path: Path, boot: Boot) -> None:
     raw = tmp_path / "nbdkit.img"
     with open(raw, "wb") as f:
         f.truncate(SIZE)
-    sock = tmp_path / "nbdkit.sock"
+    sock = tmp_path / "nbdkit-server.sock"
     server = _server(["nbdkit", "--exit-with-parent", "-f", "-U", str(sock), "file", str(raw)],
                      sock)
     try:
@@ -144,7 +144,7 @@ def test_nbd_via_qemu_nbd(tmp_path: Path, boot: Boot) -> None:
     img = tmp_path / "served.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(img), str(SIZE)], check=True,
                    capture_output=True)
-    sock = tmp_path / "qemu-nbd.sock"
+    sock = tmp_path / "qemu-nbd-server.sock"
     server = _server(["qemu-nbd", "--persistent", "--shared", "0", "--format", "qcow2",
                       "--discard", "unmap", "--socket", str(sock), "--export-name", "disk",
                       str(img)], sock)

@@ -286,7 +286,9 @@ class NbdQueue:
             return
         try:
             direction = h.aio_get_direction()
-            if readable and direction & _READ:
+            # Only when the socket has data: a notify_read without it makes libnbd pause a
+            # half-sent command to wait for a reply, which stalls the connection.
+            if readable and direction & _READ and self._socket_readable():
                 h.aio_notify_read()
                 direction = h.aio_get_direction()
             if direction & _WRITE:
@@ -301,6 +303,12 @@ class NbdQueue:
         if mask != self._mask:
             self._mask = mask
             self._ep.modify(self._sock, mask)
+
+    def _socket_readable(self) -> bool:
+        return any(
+            fd == self._sock and ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR)
+            for fd, ev in self._ep.poll(0)
+        )
 
     def _check_alive(self) -> bool:
         """False once the connection is dead; its commands have failed and nothing more is sent."""
