@@ -375,8 +375,8 @@ class NbdStorage:
     def _give_back(self, h: nbd.NBD) -> None:
         with self._lock:
             self._queues -= 1
-        # A closed queue's connection is closed, never handed on: a libnbd handle stays
-        # with the one thread that drove it.
+        # A closed queue's connection is closed, not handed on: each queue starts from a
+        # fresh handle, with no state left by another thread's queue.
         _disconnect(h)
 
     def resize(self, size: int) -> Capabilities:
