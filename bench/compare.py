@@ -8,8 +8,17 @@ One image serves them all, one backend at a time:
 * ``vblk-cache``: the same without ``--direct``: vblk serve as it runs by default, on
   the page cache (FLUSH is still fdatasync);
 * ``qsd``: ``qemu-storage-daemon`` exporting vhost-user-blk (``aio=io_uring``,
-  ``cache.direct=on``);
-* ``qemu``: QEMU's own ``virtio-blk-pci`` on ``-drive aio=io_uring,cache=none``.
+  ``cache.direct=on``): vblk's counterpart;
+* ``qsd-cache``: the same with ``cache.direct=off``: vblk-cache's counterpart;
+* ``qemu``: QEMU's own ``virtio-blk-pci`` on ``-drive aio=io_uring,cache=none``;
+* ``vblk-qcow2`` / ``qsd-qcow2``: the same data in a qcow2 image (converted from the raw
+  one), served by vblk serve (through its child qemu-nbd, ``--opt cache=none --opt
+  aio=io_uring``) and by qemu-storage-daemon's qcow2 driver (``cache.direct=on``);
+* ``vblk-nbd`` / ``qsd-nbd``: one NBD server (``qemu-nbd --cache=none --aio=io_uring`` on
+  the raw image), reached by vblk serve (``nbd+unix://``) and by qemu-storage-daemon's
+  nbd driver.
+
+Ratios are like for like only: each vblk row against its qsd counterpart (``PAIRS``).
 
 For each backend and queue count the test guest (tools/guest.py: QEMU TCG, 2 vCPUs)
 boots once per round and runs the same fio jobs (4k randread/randwrite QD32, 1M
@@ -55,20 +64,42 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import guest as guest_tool  # noqa: E402
 
-BACKENDS = ("vblk", "vblk-cache", "qsd", "qemu")
+BACKENDS = (
+    "vblk", "vblk-cache", "qsd", "qsd-cache", "qemu",
+    "vblk-qcow2", "qsd-qcow2", "vblk-nbd", "qsd-nbd",
+)  # fmt: skip
 LABELS = {
     "vblk": "vblk serve --direct",
     "vblk-cache": "vblk serve (page cache)",
     "qsd": "qemu-storage-daemon",
+    "qsd-cache": "qsd (page cache)",
     "qemu": "QEMU virtio-blk",
+    "vblk-qcow2": "vblk serve qcow2",
+    "qsd-qcow2": "qsd qcow2",
+    "vblk-nbd": "vblk serve nbd",
+    "qsd-nbd": "qsd nbd",
 }
-#: The vblk variants, each compared with qsd.
-VBLK_BACKENDS = ("vblk", "vblk-cache")
+#: Each vblk variant and its like-for-like qemu-storage-daemon counterpart.
+PAIRS = {
+    "vblk": "qsd",
+    "vblk-cache": "qsd-cache",
+    "vblk-qcow2": "qsd-qcow2",
+    "vblk-nbd": "qsd-nbd",
+}
+RATIO_LABELS = {
+    "vblk": "vblk / qsd",
+    "vblk-cache": "vblk (cache) / qsd (cache)",
+    "vblk-qcow2": "qcow2: vblk / qsd",
+    "vblk-nbd": "nbd: vblk / qsd",
+}
+VBLK_BACKENDS = tuple(PAIRS)
 #: Backends that run as their own process, so their CPU time can be read; QEMU's
 #: built-in device shares its process with the emulated vCPUs.
-CPU_BACKENDS = ("vblk", "vblk-cache", "qsd")
+CPU_BACKENDS = tuple(b for b in BACKENDS if b != "qemu")
 #: Backends ``vblk bench`` can drive (vhost-user sockets).
-DEVICE_BACKENDS = ("vblk", "vblk-cache", "qsd")
+DEVICE_BACKENDS = CPU_BACKENDS
+#: Rows that serve another storage than the raw file; --quick runs them with 1 queue only.
+STORAGE_BACKENDS = ("vblk-qcow2", "qsd-qcow2", "vblk-nbd", "qsd-nbd")
 
 MiB = 1 << 20
 
@@ -241,11 +272,28 @@ def parse_proc_stat(text: str) -> int:
 
 
 def cpu_ticks(pid: int) -> int:
-    """The process's CPU time so far (all its threads), in clock ticks."""
+    """The CPU time so far (all threads) of the process and its live children, in ticks.
+
+    Children count because ``vblk serve`` on a qcow2 image does the format's work in
+    its child qemu-nbd, where qemu-storage-daemon does it in-process.
+    """
     try:
-        return parse_proc_stat(Path(f"/proc/{pid}/stat").read_text())
+        total = parse_proc_stat(Path(f"/proc/{pid}/stat").read_text())
     except OSError as e:
         raise CompareError(f"cannot read /proc/{pid}/stat: {e}") from None
+    for child in _children(pid):
+        with contextlib.suppress(OSError, CompareError):
+            total += cpu_ticks(child)
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += [int(x) for x in (task / "children").read_text().split()]
+    return out
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -329,12 +377,14 @@ def summarize(samples: Sequence[Sample]) -> list[dict[str, Any]]:
 
 
 def ratios(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """vblk / qsd for each figure of each (side, job, queues) that has both, per vblk variant."""
+    """vblk / its qsd counterpart (PAIRS) for each figure of each (side, job, queues)."""
     by = {(r["side"], r["job"], r["queues"], r["backend"]): r for r in summary}
     out = []
     for (side, job, queues, backend), v in by.items():
-        q = by.get((side, job, queues, "qsd"))
-        if backend not in VBLK_BACKENDS or q is None:
+        if backend not in PAIRS:
+            continue
+        q = by.get((side, job, queues, PAIRS[backend]))
+        if q is None:
             continue
         row: dict[str, Any] = {"side": side, "job": job, "queues": queues, "backend": backend}
         row.update({f: ratio(v[f], q[f]) for f in FIGURES})
@@ -364,10 +414,8 @@ def metric_table(
         if r["side"] == side
     }
     keys = list(dict.fromkeys((r["job"], r["queues"]) for r in mine))
-    ratio_of = [b for b in VBLK_BACKENDS if b in backends] if "qsd" in backends else []
-    head = ["job", "queues", *(LABELS[b] for b in backends)] + [
-        f"{'vblk' if b == 'vblk' else 'vblk (cache)'} / qsd" for b in ratio_of
-    ]
+    ratio_of = [b for b in VBLK_BACKENDS if b in backends and PAIRS[b] in backends]
+    head = ["job", "queues", *(LABELS[b] for b in backends)] + [RATIO_LABELS[b] for b in ratio_of]
     lines = ["| " + " | ".join(head) + " |", "| --- | ---: |" + " ---: |" * (len(head) - 2)]
     for job, queues in keys:
         cells = [JOBS[job].title if job in JOBS else job, str(queues)]
@@ -451,7 +499,11 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     if not todo:
         raise CompareError("nothing to plot")
     fig, axes = plt.subplots(len(todo), 1, figsize=(9, 3.2 * len(todo)), squeeze=False)
-    colors = {"vblk": "#2a7ab9", "vblk-cache": "#7fb8e0", "qsd": "#e08a2c", "qemu": "#7a7a7a"}
+    colors = {
+        "vblk": "#2a7ab9", "vblk-cache": "#7fb8e0", "qsd": "#e08a2c", "qsd-cache": "#f2c48d",
+        "qemu": "#7a7a7a", "vblk-qcow2": "#1f5f3a", "qsd-qcow2": "#b5542a",
+        "vblk-nbd": "#57a773", "qsd-nbd": "#d98a6a",
+    }  # fmt: skip
     for ax, (side, figure, groups, bs, title) in zip(axes[:, 0], todo, strict=True):
         width = min(0.8 / len(bs), 0.3)
         for i, b in enumerate(bs):
@@ -519,21 +571,61 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def qcow2_path(image: Path) -> Path:
+    """The qcow2 copy of the raw image that the qcow2 rows serve."""
+    return image.with_suffix(".qcow2")
+
+
+def nbd_socket(image: Path) -> Path:
+    """The unix socket of the NBD server that the nbd rows reach."""
+    return image.with_name("nbd.sock")
+
+
+def nbd_server_command(image: Path) -> list[str]:
+    """The NBD server the nbd rows share: qemu-nbd on the raw image, O_DIRECT + io_uring."""
+    return ["qemu-nbd", "--format", "raw", "--persistent", "--shared", "0",
+            "--cache", "none", "--aio", "io_uring", "--discard", "unmap",
+            "--socket", str(nbd_socket(image)), str(image)]  # fmt: skip
+
+
+def _qsd(file_or_node: list[str], sock: Path, queues: int) -> list[str]:
+    return [
+        "qemu-storage-daemon", *file_or_node,
+        "--export",
+        "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,"
+        f"addr.path={sock},writable=on,num-queues={queues}",
+    ]  # fmt: skip
+
+
 def backend_command(kind: str, image: Path, sock: Path, queues: int, s: Settings) -> list[str]:
-    if kind in VBLK_BACKENDS:
-        args = s.vblk_args if kind == "vblk" else [a for a in s.vblk_args if a != "--direct"]
-        return [sys.executable, "-m", "vblk", "serve", str(image), "--socket", str(sock),
-                "--num-queues", str(queues), *args]  # fmt: skip
-    if kind == "qsd":
-        return [
-            "qemu-storage-daemon",
+    serve = [sys.executable, "-m", "vblk", "serve"]
+    at = ["--socket", str(sock), "--num-queues", str(queues)]
+    cached = [a for a in s.vblk_args if a != "--direct"]
+    if kind in ("vblk", "vblk-cache"):
+        return [*serve, str(image), *at, *(s.vblk_args if kind == "vblk" else cached)]
+    if kind == "vblk-qcow2":
+        direct = ["--opt", "cache=none", "--opt", "aio=io_uring"]
+        return [*serve, str(qcow2_path(image)), *at, *direct, *cached]
+    if kind == "vblk-nbd":
+        return [*serve, f"nbd+unix:///?socket={nbd_socket(image)}", *at, *cached]
+    if kind in ("qsd", "qsd-cache"):
+        mode = "on" if kind == "qsd" else "off"
+        return _qsd([
             "--blockdev",
-            f"driver=file,node-name=file,filename={image},cache.direct=on,aio=io_uring",
+            f"driver=file,node-name=file,filename={image},cache.direct={mode},aio=io_uring",
             "--blockdev", "driver=raw,node-name=disk,file=file",
-            "--export",
-            "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,"
-            f"addr.path={sock},writable=on,num-queues={queues}",
-        ]  # fmt: skip
+        ], sock, queues)  # fmt: skip
+    if kind == "qsd-qcow2":
+        return _qsd([
+            "--blockdev", f"driver=file,node-name=file,filename={qcow2_path(image)},"
+            "cache.direct=on,aio=io_uring",
+            "--blockdev", "driver=qcow2,node-name=disk,file=file",
+        ], sock, queues)  # fmt: skip
+    if kind == "qsd-nbd":
+        return _qsd([
+            "--blockdev", "driver=nbd,node-name=disk,server.type=unix,"
+            f"server.path={nbd_socket(image)}",
+        ], sock, queues)  # fmt: skip
     raise ValueError(f"{kind} is not a separate backend process")
 
 
@@ -583,6 +675,16 @@ def make_image(path: Path, size: int, span: int) -> None:
         os.fsync(f.fileno())
 
 
+def make_qcow2(raw: Path, qcow2: Path) -> None:
+    """The raw image's data in a qcow2 image (allocated where the raw one has data)."""
+    p = subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if p.returncode != 0:
+        raise CompareError(f"qemu-img convert to qcow2 failed: {p.stderr.strip()}")
+
+
 def fio_command(job: Job, queues: int, s: Settings) -> str:
     part = s.span // queues // MiB * MiB
     cpus = "0" if queues == 1 else f"0-{queues - 1}"
@@ -630,11 +732,30 @@ class Runner:
         steps = []
         for r in range(self.s.rounds):
             for q in self.s.queues:
-                steps += [(r, "guest", b, q) for b in rotated(self.s.backends, r)]
+                steps += [
+                    (r, "guest", b, q) for b in rotated(self.s.backends, r) if self._runs(b, q)
+                ]
             if self.s.device_jobs:
                 for q in self.s.queues:
-                    steps += [(r, "device", b, q) for b in rotated(self.s.device_backends, r)]
+                    steps += [
+                        (r, "device", b, q)
+                        for b in rotated(self.s.device_backends, r)
+                        if self._runs(b, q) and not (self.s.quick and b in STORAGE_BACKENDS)
+                    ]
         return steps
+
+    def _runs(self, backend: str, q: int) -> bool:
+        """--quick keeps to one queue count for the qcow2 and nbd rows (they only need to work)."""
+        return not (self.s.quick and backend in STORAGE_BACKENDS and q != self.s.queues[0])
+
+    def peers(self, stack: contextlib.ExitStack, backend: str, tag: str) -> None:
+        """Start what ``backend`` serves from, if anything: the NBD server for the nbd rows."""
+        if backend in ("vblk-nbd", "qsd-nbd"):
+            cmd = nbd_server_command(self.image)
+            self.commands["backends"]["nbd server"] = shlex.join(cmd)
+            stack.enter_context(
+                backend_process(cmd, nbd_socket(self.image), self.logs / f"nbd-{tag}.log")
+            )
 
     def run(self) -> None:
         self.guest = guest_tool.build()
@@ -643,6 +764,8 @@ class Runner:
             f"first {self.s.span // MiB} MiB filled)"
         )
         make_image(self.image, self.s.image_size, self.s.span)
+        if any(b in ("vblk-qcow2", "qsd-qcow2") for b in self.s.backends):
+            make_qcow2(self.image, qcow2_path(self.image))
         steps = self.plan()
         self.steps_total = len(steps)
         for r, side, backend, q in steps:
@@ -678,6 +801,7 @@ class Runner:
         with contextlib.ExitStack() as stack:
             pid = None
             alive = None
+            self.peers(stack, backend, f"{backend}-q{q}-r{r + 1}")
             if backend in CPU_BACKENDS:
                 cmd = backend_command(backend, self.image, sock, q, s)
                 self.commands["backends"][f"{backend} q{q}"] = shlex.join(cmd)
@@ -732,7 +856,9 @@ class Runner:
         cmd = backend_command(backend, self.image, sock, q, s)
         self.commands["backends"][f"{backend} q{q}"] = shlex.join(cmd)
         log = self.logs / f"{backend}-q{q}-r{r + 1}-device.log"
-        with backend_process(cmd, sock, log) as proc:
+        with contextlib.ExitStack() as stack:
+            self.peers(stack, backend, f"{backend}-q{q}-r{r + 1}-device")
+            proc = stack.enter_context(backend_process(cmd, sock, log))
             for name in s.device_jobs:
                 job = JOBS[name]
                 bench = [sys.executable, "-m", "vblk", "bench", "--socket", str(sock),
@@ -787,6 +913,10 @@ def notes(s: Settings, samples: Sequence[Sample]) -> list[str]:
         f"had ±{worst:.2f} µs per I/O per tick. QEMU's built-in device shares QEMU's process "
         "with the emulated vCPUs, so it has no separate figure.",
         "vblk bench runs on the same host CPUs as the backend it drives.",
+        "Ratios set each vblk row against qemu-storage-daemon in the same mode: O_DIRECT "
+        "against cache.direct=on, page cache against cache.direct=off, the same qcow2 image "
+        "(both O_DIRECT), the same NBD server. A backend's CPU includes its child processes "
+        "(vblk's qemu-nbd for qcow2), not the shared NBD server's.",
     ]
     if (spread := spread_note(samples)) is not None:
         out.append(spread)
@@ -927,7 +1057,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(render_markdown(earlier))
         return 0
-    need = ["qemu-system-x86_64"] + (["qemu-storage-daemon"] if "qsd" in s.backends else [])
+    need = ["qemu-system-x86_64"]
+    if any(b.startswith("qsd") for b in s.backends):
+        need.append("qemu-storage-daemon")
+    if any(b in STORAGE_BACKENDS for b in s.backends):
+        need += ["qemu-img", "qemu-nbd"]
     if missing := [t for t in need if shutil.which(t) is None]:
         print(
             f"compare: error: {', '.join(missing)} missing: bash scripts/install-deps.sh",

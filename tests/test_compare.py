@@ -221,6 +221,7 @@ def _sample(side: str, backend: str, job: str, q: int, rnd: int, iops: float) ->
 def _results(samples: list[compare.Sample], **settings: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
+    settings.setdefault("backends", list(BASE))
     s = compare.Settings(rounds=3, runtime=2, **settings)
     summary = compare.summarize(samples)
     return {
@@ -235,16 +236,21 @@ def _results(samples: list[compare.Sample], **settings: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+#: The raw-file rows; the qcow2 and nbd rows have their own pairs.
+BASE = ("vblk", "vblk-cache", "qsd", "qsd-cache", "qemu")
+
+
 def _full_samples() -> list[compare.Sample]:
     out = []
     for rnd in (1, 2, 3):
         for q in (1, 2):
             for job in compare.JOBS:
                 for b, base in (("vblk", 2000), ("vblk-cache", 2500), ("qsd", 1000),
-                                ("qemu", 1500)):  # fmt: skip
+                                ("qsd-cache", 1250), ("qemu", 1500)):  # fmt: skip
                     out.append(_sample("guest", b, job, q, rnd, base * q + rnd))
             for job in compare.DEVICE_JOBS:
-                for b, base in (("vblk", 9000), ("vblk-cache", 12000), ("qsd", 10000)):
+                for b, base in (("vblk", 9000), ("vblk-cache", 12000), ("qsd", 10000),
+                                ("qsd-cache", 11000)):  # fmt: skip
                     out.append(_sample("device", b, job, q, rnd, base + rnd))
     return out
 
@@ -266,20 +272,20 @@ def test_summarize_takes_medians_and_ratios_divide_vblk_by_qsd() -> None:
     assert r["cpu_us_per_io"] == 1.0
     key = ("device", "randread", 1, "vblk-cache")
     r = next(x for x in rat if (x["side"], x["job"], x["queues"], x["backend"]) == key)
-    assert r["iops"] == pytest.approx(12002 / 10002)
+    assert r["iops"] == pytest.approx(12002 / 11002)  # like for like: against qsd-cache
 
 
 def test_markdown_has_every_row_and_column() -> None:
     md = compare.render_markdown(_results(_full_samples()))
     assert (
         "| job | queues | vblk serve --direct | vblk serve (page cache) | qemu-storage-daemon "
-        "| QEMU virtio-blk | vblk / qsd | vblk (cache) / qsd |" in md
+        "| qsd (page cache) | QEMU virtio-blk | vblk / qsd | vblk (cache) / qsd (cache) |" in md
     )
-    assert "| 4k randread QD32 | 2 | 4,002 | 5,002 | 2,002 | 3,002 | 2.00 | 2.50 |" in md
+    assert "| 4k randread QD32 | 2 | 4,002 | 5,002 | 2,002 | 2,502 | 3,002 | 2.00 | 2.00 |" in md
     assert "| 1M seq write QD8 | 1 |" in md
     assert "**Backend CPU µs per I/O, guest fio**" in md
     assert "**`vblk bench` (no VM) IOPS**" in md
-    assert "| 4k randwrite QD32 | 1 | 9,002 | 12,002 | 10,002 | 0.90 | 1.20 |" in md
+    assert "| 4k randwrite QD32 | 1 | 9,002 | 12,002 | 10,002 | 11,002 | 0.90 | 1.09 |" in md
     assert "2025-01-02 03:04 UTC on Test CPU (2 CPUs)" in md
     assert "10 ms ticks" in md or f"{1000 // compare.CLK_TCK} ms ticks" in md
 
@@ -312,7 +318,7 @@ def test_render_redraws_the_reports_from_results_json(tmp_path: Path) -> None:
     src.write_text(json.dumps(results))
     assert compare.main(["--render", str(src), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| 4k randread QD32 | 2 | 4,002 | 5,002 | 2,002 | 3,002 | 2.00 | 2.50 |" in md
+    assert "| 4k randread QD32 | 2 | 4,002 | 5,002 | 2,002 | 2,502 | 3,002 | 2.00 | 2.00 |" in md
     assert "stale" not in md and "Rounds disagreed" in md
     assert (tmp_path / "out" / "results.png").read_bytes().startswith(PNG_SIGNATURE)
     (tmp_path / "bad.json").write_text('{"settings": {}}')
@@ -350,6 +356,18 @@ def test_backend_commands_are_the_documented_ones(tmp_path: Path) -> None:
     assert c == v[:-1]  # the same serve, on the page cache
     q = " ".join(compare.backend_command("qsd", img, sock, 1, s))
     assert "cache.direct=on,aio=io_uring" in q and "num-queues=1" in q
+    qc = " ".join(compare.backend_command("qsd-cache", img, sock, 1, s))
+    assert qc == q.replace("cache.direct=on", "cache.direct=off")
+    vq = compare.backend_command("vblk-qcow2", img, sock, 2, s)
+    assert vq[4] == str(tmp_path / "d.qcow2") and "--direct" not in vq
+    assert " --opt cache=none --opt aio=io_uring" in " ".join(vq)
+    assert "driver=qcow2" in " ".join(compare.backend_command("qsd-qcow2", img, sock, 1, s))
+    nbd = str(compare.nbd_socket(img))
+    assert compare.backend_command("vblk-nbd", img, sock, 2, s)[4] == f"nbd+unix:///?socket={nbd}"
+    assert f"driver=nbd,node-name=disk,server.type=unix,server.path={nbd}" in " ".join(
+        compare.backend_command("qsd-nbd", img, sock, 1, s)
+    )
+    assert compare.nbd_server_command(img)[-3:] == ["--socket", nbd, str(img)]
     with pytest.raises(ValueError):
         compare.backend_command("qemu", img, sock, 1, s)
 
@@ -359,10 +377,15 @@ def test_plan_rotates_backends_each_round() -> None:
     steps = compare.Runner(s, Path("/nonexistent"), Path("/nonexistent")).plan()
     guest = [(r, b, q) for r, side, b, q in steps if side == "guest"]
     device = [(r, b, q) for r, side, b, q in steps if side == "device"]
-    assert len(guest) == 3 * 4 * 2 and len(device) == 3 * 3 * 2
+    n = len(compare.BACKENDS)
+    assert len(guest) == 3 * n * 2 and len(device) == 3 * (n - 1) * 2
     firsts = [next(b for rr, b, q in guest if rr == r) for r in range(3)]
     assert firsts == ["vblk", "vblk-cache", "qsd"]
-    assert {b for _, b, _ in device} == {"vblk", "vblk-cache", "qsd"}
+    assert {b for _, b, _ in device} == set(compare.DEVICE_BACKENDS)
+    # --quick: the qcow2 and nbd rows on one queue count, guest side only.
+    quick = compare.Runner(compare.parse_args(["--quick"]).settings, Path("/x"), Path("/x"))
+    storage = [(side, q) for _, side, b, q in quick.plan() if b in compare.STORAGE_BACKENDS]
+    assert storage and set(storage) == {("guest", 1)}
 
 
 def test_args_quick_defaults_and_errors() -> None:
@@ -370,7 +393,7 @@ def test_args_quick_defaults_and_errors() -> None:
     s = o.settings
     assert (s.rounds, s.runtime, s.span, s.quick, o.out) == (1, 2, 64 << 20, True, Path("/x"))
     assert s.backends == list(compare.BACKENDS) and s.queues == [1, 2] and o.render is None
-    assert compare.BACKENDS == ("vblk", "vblk-cache", "qsd", "qemu")
+    assert compare.BACKENDS[:5] == ("vblk", "vblk-cache", "qsd", "qsd-cache", "qemu")
     s = compare.parse_args(["--quick", "--runtime", "5", "--vblk-args", ""]).settings
     assert s.runtime == 5 and s.vblk_args == []
     for bad in (["--backends", "spdk"], ["--jobs", "randtrim"], ["--queues", "x"],
@@ -404,7 +427,7 @@ def test_quick_run_produces_complete_results(tmp_path: Path) -> None:
     p = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "compare.py"), "--quick", "--out", str(out),
          "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=480,
+        capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert p.returncode == 0, f"stderr:\n{p.stderr[-4000:]}"
     assert "step 1/" in p.stderr and "fio randread ..." in p.stderr  # progress on stderr
@@ -414,6 +437,8 @@ def test_quick_run_produces_complete_results(tmp_path: Path) -> None:
     for q in (1, 2):
         for job in compare.JOBS:
             for b in compare.BACKENDS:
+                if q == 2 and b in compare.STORAGE_BACKENDS:
+                    continue  # --quick runs them on one queue
                 r = rows[("guest", job, q, b)]
                 assert r["iops"] > 0 and r["mb_s"] > 0, r
                 if b in compare.CPU_BACKENDS:
@@ -422,14 +447,17 @@ def test_quick_run_produces_complete_results(tmp_path: Path) -> None:
                     assert r["cpu_us_per_io"] is None
         for job in compare.DEVICE_JOBS:
             for b in compare.DEVICE_BACKENDS:
+                if b in compare.STORAGE_BACKENDS:
+                    continue
                 r = rows[("device", job, q, b)]
                 assert r["iops"] > 0 and r["p99_us"] > 0 and r["cpu_us_per_io"] is not None, r
     # Over a whole job the backend cannot have used no CPU at all.
     assert any(s["cpu_ticks"] for s in res["samples"] if s["backend"] == "vblk")
     assert any(s["cpu_ticks"] for s in res["samples"] if s["backend"] == "qsd")
     rat = {(r["side"], r["job"], r["queues"], r["backend"]): r for r in res["ratios"]}
-    assert len(rat) == len(compare.VBLK_BACKENDS) * (
-        2 * len(compare.JOBS) + 2 * len(compare.DEVICE_JOBS)
+    # raw pairs: guest and device, 2 queue counts; qcow2 and nbd pairs: guest, 1 queue.
+    assert len(rat) == 2 * (2 * len(compare.JOBS) + 2 * len(compare.DEVICE_JOBS)) + 2 * len(
+        compare.JOBS
     )
     assert all(r["iops"] and r["iops"] > 0 for r in rat.values())
     m = res["machine"]
@@ -441,7 +469,9 @@ def test_quick_run_produces_complete_results(tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     assert (
         "| job | queues | vblk serve --direct | vblk serve (page cache) | qemu-storage-daemon "
-        "| QEMU virtio-blk | vblk / qsd | vblk (cache) / qsd |" in md
+        "| qsd (page cache) | QEMU virtio-blk | vblk serve qcow2 | qsd qcow2 | vblk serve nbd "
+        "| qsd nbd | vblk / qsd | vblk (cache) / qsd (cache) | qcow2: vblk / qsd "
+        "| nbd: vblk / qsd |" in md
     )
     for job in compare.JOBS.values():
         assert f"| {job.title} | 2 |" in md
