@@ -112,11 +112,9 @@ def open_rbd(spec: str, opts: dict[str, str], read_only: bool) -> RbdStorage:
     client = opts.get("id", "admin")
     try:
         import rados
-        import rbd
+        import rbd  # noqa: F401  (checked here, used by RbdStorage)
     except ImportError as e:
-        raise StorageError(
-            f"the Ceph RBD backend needs python3-rbd and python3-rados ({e})"
-        ) from None
+        raise StorageError(f"the RBD backend needs python3-rados and python3-rbd ({e})") from None
 
     secs = str(max(1, round(timeout))) if timeout else "0"
     settings = {
