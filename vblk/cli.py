@@ -20,8 +20,11 @@ from vblk.errors import VblkError
 
 log = logging.getLogger("vblk")
 
-#: Queues a backend may offer; QEMU's vhost-user-blk accepts up to 1024, far beyond need.
-MAX_NUM_QUEUES = 64
+#: Queues a backend may offer: QEMU's VIRTIO_QUEUE_MAX, the most vhost-user-blk-pci can use.
+MAX_NUM_QUEUES = 1024
+#: Queues offered by default: QEMU gives a guest one per vCPU unless told otherwise, and a
+#: queue the frontend never starts costs nothing, so enough for any guest on this host.
+DEFAULT_NUM_QUEUES = min(MAX_NUM_QUEUES, max(64, os.cpu_count() or 1))
 
 
 class UsageError(VblkError):
@@ -45,10 +48,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _queue_size(text: str) -> int:
+def queue_size_arg(text: str) -> int:
+    """An argparse type: a split-ring size (a power of two in 1..32768), else a one-line error."""
+    from vblk.virtio.defs import MAX_QUEUE_SIZE, is_queue_size
+
     value = _positive_int(text)
-    if value > 1024 or value & (value - 1):
-        raise argparse.ArgumentTypeError(f"must be a power of two up to 1024, got {value}")
+    if not is_queue_size(value):
+        raise argparse.ArgumentTypeError(
+            f"must be a power of two up to {MAX_QUEUE_SIZE}, got {value}"
+        )
     return value
 
 
@@ -96,9 +104,19 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _opt(text: str) -> tuple[str, str]:
+    from vblk.storage.spec import parse_opt
+
+    try:
+        return parse_opt(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vblk.io.engines import ENGINES
     from vblk.virtio.coalesce import DEFAULT_HOLD_US
+    from vblk.virtio.defs import MAX_QUEUE_SIZE
 
     parser = _Parser(prog="vblk", description="The virtio-blk I/O stack in Python.")
     parser.add_argument("--version", action="version", version=f"vblk {__version__}")
@@ -106,10 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="serve an image as a vhost-user-blk device",
-        description="Serve IMAGE to a VM (QEMU vhost-user-blk-pci) over a unix socket.",
+        help="serve a storage spec as a vhost-user-blk device",
+        description="Serve SPEC to a VM (QEMU vhost-user-blk-pci) over a unix socket. SPEC is "
+        "a raw file or block device, an image in a format qemu-img knows (qcow2, vmdk, vhdx, "
+        "...; detected from its header), nbd://HOST[:PORT]/EXPORT, "
+        "nbd+unix:///EXPORT?socket=PATH, rbd:POOL/IMAGE, or python:FILE.py:CLASS.",
     )
-    serve.add_argument("image", metavar="IMAGE", help="raw image file or block device")
+    serve.add_argument(
+        "spec",
+        metavar="SPEC",
+        help="what to serve: PATH, nbd://..., nbd+unix://..., rbd:..., python:FILE.py:CLASS",
+    )
+    serve.add_argument(
+        "--opt",
+        type=_opt,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the storage backend (repeatable; e.g. a plugin's keyword arguments)",
+    )
+    serve.add_argument(
+        "--format",
+        metavar="FMT",
+        help="image format of PATH instead of detecting it from its header (raw forces raw)",
+    )
     serve.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
     serve.add_argument(
         "--socket-mode",
@@ -121,29 +159,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--num-queues",
         type=_positive_int,
-        default=1,
+        default=DEFAULT_NUM_QUEUES,
         metavar="N",
-        help="queues offered (default 1)",
+        help=f"most queues the frontend may use (default {DEFAULT_NUM_QUEUES}: "
+        "unused ones cost nothing)",
     )
     serve.add_argument(
         "--queue-size",
-        type=_queue_size,
-        default=256,
+        type=queue_size_arg,
+        default=MAX_QUEUE_SIZE,
         metavar="N",
-        help="largest queue the driver will use; sets seg_max (default 256)",
+        help=f"largest ring served (default {MAX_QUEUE_SIZE}, every size); below 128 it also "
+        "lowers seg_max so that rings of N work without indirect descriptors",
     )
     serve.add_argument("--read-only", action="store_true", help="refuse writes (guest sees ro=1)")
     serve.add_argument("--serial", default="", metavar="ID", help="GET_ID answer, 20 bytes at most")
     serve.add_argument(
-        "--create", type=_size, metavar="SIZE", help="create a sparse IMAGE of SIZE if missing"
+        "--create", type=_size, metavar="SIZE", help="create a sparse raw PATH of SIZE if missing"
     )
-    serve.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
+    serve.add_argument("--direct", action="store_true", help="open a raw PATH with O_DIRECT")
     serve.add_argument(
         "--aio",
         choices=ENGINES,
-        help="I/O engine: io_uring (batched submission; the default where the kernel allows "
-        "it), threads (a preadv/pwritev pool; the default elsewhere), sync (on the queue "
-        "thread, no overlap)",
+        help="I/O engine of a raw PATH: io_uring (batched submission; the default where the "
+        "kernel allows it), threads (a preadv/pwritev pool; the default elsewhere), sync (on "
+        "the queue thread, no overlap)",
     )
     serve.add_argument(
         "--io-threads",
@@ -180,10 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_level(serve)
     serve.set_defaults(func=cmd_serve)
 
-    from vblk import bench, info
+    from vblk import bench, info, top, trace
 
     info.add_parser(sub)
     bench.add_parser(sub)
+    top.add_parser(sub)
+    trace.add_parser(sub)
     return parser
 
 
@@ -207,13 +249,11 @@ def _setup_logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from vblk.blk.device import BlockDevice
-    from vblk.io import uring
-    from vblk.io.engines import default_engine
-    from vblk.io.image import Image
     from vblk.server import Server
+    from vblk.storage.spec import open_storage
 
     _setup_logging(args.log_level)
-    # Every thread (IOThreads, the thread engine's pool, the main loop) shares
+    # Every thread (IOThreads, the storage queues' pools, the main loop) shares
     # one GIL. A thread back from poll() waits for the running one to hand it
     # over, by default after up to 5 ms; 0.2 ms keeps that wait short.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
@@ -221,33 +261,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--num-queues {args.num_queues} exceeds {MAX_NUM_QUEUES}")
     if len(args.serial.encode()) > 20:
         raise UsageError(f"--serial {args.serial!r} is longer than 20 bytes")
-    if args.create is not None and not os.path.exists(args.image):
-        Image.create(args.image, args.create)
-        log.info("created %s (%d bytes, sparse)", args.image, args.create)
-    image = Image(args.image, read_only=args.read_only, direct=args.direct)
-    device = BlockDevice(
-        image,
-        num_queues=args.num_queues,
-        queue_size=args.queue_size,
+    opts: dict[str, str] = {}
+    for key, value in args.opt:
+        if key in opts:
+            raise UsageError(f"--opt {key} given twice")
+        opts[key] = value
+    storage = open_storage(
+        args.spec,
+        opts=opts,
         read_only=args.read_only,
-        serial=args.serial,
-    )
-    engine = args.aio
-    if engine is None:
-        engine = default_engine()
-    elif engine == "io_uring" and not uring.available():
-        raise UsageError("--aio io_uring: io_uring is not available here (kernel or seccomp)")
-    server = Server(
-        device,
-        args.socket,
-        num_queues=args.num_queues,
-        engine=engine,
+        direct=args.direct,
+        fmt=args.format,
+        aio=args.aio,
         io_threads=args.io_threads,
-        poll_us=args.poll_us,
-        threads=min(args.queue_threads, args.num_queues),
-        coalesce_us=args.coalesce_us,
-        socket_mode=args.socket_mode,
+        create=args.create,
     )
+    try:
+        device = BlockDevice(
+            storage,
+            num_queues=args.num_queues,
+            queue_size=args.queue_size,
+            read_only=args.read_only,
+            serial=args.serial,
+        )
+        server = Server(
+            device,
+            args.socket,
+            num_queues=args.num_queues,
+            poll_us=args.poll_us,
+            threads=min(args.queue_threads, args.num_queues),
+            coalesce_us=args.coalesce_us,
+            socket_mode=args.socket_mode,
+        )
+    except BaseException:
+        storage.close()
+        raise
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("%s: finishing in-flight requests and shutting down", signal.Signals(signum).name)
@@ -256,20 +304,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     log.info(
-        "serving %s (%d sectors%s%s) with %d queue(s) on %d thread(s), %s",
-        args.image,
+        "serving %s (%d sectors%s) with %d queue(s) on %d thread(s), rings of up to %d "
+        "entries, seg_max %d%s",
+        storage.description,
         device.capacity,
         ", read-only" if device.read_only else "",
-        ", O_DIRECT" if args.direct else "",
         args.num_queues,
         min(args.queue_threads, args.num_queues),
-        f"--aio {engine}"
-        + (f" ({args.io_threads} threads each)" if engine == "threads" else "")
-        + (f", polling up to {args.poll_us} us" if args.poll_us else "")
+        args.queue_size,
+        device.config.seg_max,
+        (f", polling up to {args.poll_us} us" if args.poll_us else "")
         + (f", coalescing interrupts up to {args.coalesce_us} us" if args.coalesce_us else ""),
     )
-    server.serve_forever()
-    image.close()
+    try:
+        server.serve_forever()
+    finally:
+        device.close()
+        storage.close()
     log.info("stopped")
     return 0
 

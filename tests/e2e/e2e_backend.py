@@ -55,14 +55,16 @@ class Backend:
         log_path: Path,
         *,
         kind: str = KIND,
-        num_queues: int = 2,
+        num_queues: int | None = 2,
         serial: str | None = None,
         read_only: bool = False,
         extra: tuple[str, ...] = (),
+        spec: str | None = None,
     ) -> None:
         if kind not in KINDS:
             raise pytest.UsageError(f"VBLK_E2E_BACKEND must be one of {KINDS}, not {kind!r}")
         self.kind, self.image, self.socket, self.log_path = kind, image, socket, log_path
+        self.spec = spec or str(image)  # what vblk serves: the image, or another storage spec
         self.cmd = self._command(num_queues, serial, read_only, extra)
         # A restart may find the socket of a killed predecessor: wait for a new one.
         stale = _identity(socket)
@@ -82,23 +84,26 @@ class Backend:
             time.sleep(0.05)
 
     def _command(
-        self, num_queues: int, serial: str | None, read_only: bool, extra: tuple[str, ...]
+        self, num_queues: int | None, serial: str | None, read_only: bool, extra: tuple[str, ...]
     ) -> list[str]:
         if self.kind == "vblk":
-            cmd = [sys.executable, "-m", "vblk", "serve", str(self.image)]
-            cmd += ["--socket", str(self.socket), "--num-queues", str(num_queues)]
+            cmd = [sys.executable, "-m", "vblk", "serve", self.spec]
+            cmd += ["--socket", str(self.socket)]
+            if num_queues is not None:  # None: the backend's default
+                cmd += ["--num-queues", str(num_queues)]
             if serial is not None:
                 cmd += ["--serial", serial]
             if read_only:
                 cmd.append("--read-only")
             return cmd + list(extra)
-        if serial is not None or read_only or extra:
+        if serial is not None or read_only or extra or self.spec != str(self.image):
             raise ValueError(
                 "serial/read-only/extra are vblk serve options; mark the test vblk_only"
             )
         qsd = shutil.which("qemu-storage-daemon")
         if qsd is None:
             pytest.fail("qemu-storage-daemon is missing: bash scripts/install-deps.sh")
+        nq = "" if num_queues is None else f",num-queues={num_queues}"
         # discard=unmap: QEMU's default (ignore) drops discards, and the guest tests expect a
         # discarded range to read back as zeroes, which is what vblk serve does (punch hole).
         return [
@@ -108,7 +113,7 @@ class Backend:
             "--blockdev", "driver=raw,node-name=disk0,file=file0,discard=unmap",
             "--export",
             "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-            f"addr.path={self.socket},writable=on,num-queues={num_queues}",
+            f"addr.path={self.socket},writable=on{nq}",
         ]  # fmt: skip
 
     def alive(self) -> bool:

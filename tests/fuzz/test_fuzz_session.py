@@ -33,6 +33,7 @@ from vblk.blk.defs import ReqType
 from vblk.blk.device import BlockDevice, Stats
 from vblk.errors import GuestMemoryError
 from vblk.io.image import Image
+from vblk.storage.file import FileStorage
 from vblk.vhost_user.backend import MAX_MEM_SLOTS, PROTOCOL_FEATURES, BackendSession, Vring
 from vblk.vhost_user.codec import (
     U64,
@@ -294,7 +295,7 @@ def _inflight_content(draw: st.DrawFn) -> bytes:
 def device(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockDevice]:
     p = tmp_path_factory.mktemp("fuzz-session") / "d.img"
     Image.create(str(p), 1 << 20)
-    img = Image(str(p))
+    img = FileStorage(str(p), aio="sync")
     dev = BlockDevice(img, num_queues=NUM_QUEUES, queue_size=256, serial="fuzz")
     yield dev
     img.close()
@@ -319,7 +320,7 @@ def test_any_message_after_any_handshake_prefix(
                 deliver(s, host, Message(req, FLAG_VERSION, payload), kinds, passed, inflight)
             if prefix_len == PREFIX_LEN:
                 assert host.running == {0, 1}, "the valid handshake must start both rings"
-                for v in s.vrings:
+                for v in s.vrings.values():
                     r = v.queue.recovery if v.queue is not None else None
                     _event(
                         "ring tracks inflight: "
@@ -340,7 +341,7 @@ def test_any_message_after_any_handshake_prefix(
             s.close()
         assert host.running == set()
         assert s.memory.regions == ()
-        for v in s.vrings:
+        for v in s.vrings.values():
             assert (v.kick_fd, v.call_fd, v.err_fd, v.queue) == (-1, -1, -1, None)
         if any(_still(fd, ident) for fd, ident in passed):
             # A mapping whose views were still exported at close goes with the garbage
@@ -411,7 +412,7 @@ def deliver(
     )
     if waited:
         assert answer is not None, f"{msg.request!r}: the frontend would wait forever"
-    kept = {fd for v in s.vrings for fd in (v.kick_fd, v.call_fd, v.err_fd) if fd >= 0}
+    kept = {fd for v in s.vrings.values() for fd in (v.kick_fd, v.call_fd, v.err_fd) if fd >= 0}
     for fd in fds:
         assert fd in kept or not _open(fd), f"fd {fd} of {msg.request!r} neither kept nor closed"
     regions = s.memory.regions
@@ -421,7 +422,7 @@ def deliver(
         for b in regions[i + 1 :]:
             assert a.gpa + a.size <= b.gpa or b.gpa + b.size <= a.gpa
             assert a.uaddr + a.size <= b.uaddr or b.uaddr + b.size <= a.uaddr
-    for v in s.vrings:
+    for v in s.vrings.values():
         assert v.running == (v.index in host.running)
         if v.running:
             assert v.enabled and v.kick_fd >= 0 and v.addr is not None and v.num > 0
@@ -435,7 +436,7 @@ def drive_guest(
     request: bool,
 ) -> None:
     """Play the driver on every running ring: publish chains, then drain as a worker would."""
-    for v in s.vrings:
+    for v in s.vrings.values():
         q = v.queue
         if q is None or v.addr is None:
             continue
