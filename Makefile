@@ -4,11 +4,15 @@
 # python3-rbd); PYTHON=... runs everything with another interpreter.
 PYTHON ?= $(CURDIR)/.venv/bin/python
 
-.PHONY: demo test deps lint fmt unit e2e e2e-qsd soak interop compare guest clean
+.PHONY: demo ceph-demo test deps lint fmt unit e2e e2e-qsd soak interop compare guest clean
 
 # Serve demo/disk.img with vblk serve (2 queues) and let a real QEMU guest run fio on it.
 demo: deps
 	$(PYTHON) scripts/demo.py
+
+# The same with the disk in a throwaway single-node Ceph: vblk serve rbd:rbd/demo (tests/ceph_cluster.py).
+ceph-demo: deps
+	$(PYTHON) scripts/ceph_demo.py
 
 # Lint, type-check, then every test: unit, interop (qemu-storage-daemon) and e2e (QEMU guests).
 test:
