@@ -54,11 +54,11 @@ soak:
 guest:
 	$(PYTHON) tools/guest.py build
 
-# vblk serve vs qemu-storage-daemon vs QEMU's built-in virtio-blk: guest fio and vblk bench,
+# vblk serve vs qemu-storage-daemon vs QEMU's built-in virtio-blk (and both on Ceph RBD, --rbd):
 # 3 rounds of 8 s jobs (~20 min). Results in build/compare/results.{json,md,png}.
 # COMPARE_ARGS="--quick" for a smoke run; see python3 bench/compare.py --help.
 compare: deps
-	$(PYTHON) bench/compare.py $(COMPARE_ARGS)
+	$(PYTHON) bench/compare.py --rbd $(COMPARE_ARGS)
 
 clean:
 	rm -rf demo build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -9,7 +9,11 @@ One image serves them all, one backend at a time:
   the page cache (FLUSH is still fdatasync);
 * ``qsd``: ``qemu-storage-daemon`` exporting vhost-user-blk (``aio=io_uring``,
   ``cache.direct=on``);
-* ``qemu``: QEMU's own ``virtio-blk-pci`` on ``-drive aio=io_uring,cache=none``.
+* ``qemu``: QEMU's own ``virtio-blk-pci`` on ``-drive aio=io_uring,cache=none``;
+* with ``--rbd`` (``make compare`` passes it): ``vblk-rbd`` and ``qsd-rbd``, one RBD
+  image in a throwaway single-node Ceph (tests/ceph_cluster.py, memstore OSD), served by
+  ``vblk serve rbd:...`` and by qemu-storage-daemon's ``driver=rbd`` (``cache.direct=on``,
+  like vblk's ``rbd_cache=false``); their ratio is vblk-rbd / qsd-rbd.
 
 For each backend and queue count the test guest (tools/guest.py: QEMU TCG, 2 vCPUs)
 boots once per round and runs the same fio jobs (4k randread/randwrite QD32, 1M
@@ -61,14 +65,25 @@ LABELS = {
     "vblk-cache": "vblk serve (page cache)",
     "qsd": "qemu-storage-daemon",
     "qemu": "QEMU virtio-blk",
+    "vblk-rbd": "vblk serve rbd",
+    "qsd-rbd": "qsd rbd",
 }
-#: The vblk variants, each compared with qsd.
-VBLK_BACKENDS = ("vblk", "vblk-cache")
+#: Rows on a Ceph RBD image (--rbd), outside the default set: they start a cluster.
+RBD_BACKENDS = ("vblk-rbd", "qsd-rbd")
+ALL_BACKENDS = (*BACKENDS, *RBD_BACKENDS)
+#: The vblk variants, each compared with its qemu-storage-daemon counterpart.
+PAIRS = {"vblk": "qsd", "vblk-cache": "qsd", "vblk-rbd": "qsd-rbd"}
+RATIO_LABELS = {
+    "vblk": "vblk / qsd",
+    "vblk-cache": "vblk (cache) / qsd",
+    "vblk-rbd": "rbd: vblk / qsd",
+}
+VBLK_BACKENDS = tuple(PAIRS)
 #: Backends that run as their own process, so their CPU time can be read; QEMU's
 #: built-in device shares its process with the emulated vCPUs.
-CPU_BACKENDS = ("vblk", "vblk-cache", "qsd")
+CPU_BACKENDS = ("vblk", "vblk-cache", "qsd", *RBD_BACKENDS)
 #: Backends ``vblk bench`` can drive (vhost-user sockets).
-DEVICE_BACKENDS = ("vblk", "vblk-cache", "qsd")
+DEVICE_BACKENDS = ("vblk", "vblk-cache", "qsd", *RBD_BACKENDS)
 
 MiB = 1 << 20
 
@@ -333,7 +348,7 @@ def ratios(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r["side"], r["job"], r["queues"], r["backend"]): r for r in summary}
     out = []
     for (side, job, queues, backend), v in by.items():
-        q = by.get((side, job, queues, "qsd"))
+        q = by.get((side, job, queues, PAIRS.get(backend, "")))
         if backend not in VBLK_BACKENDS or q is None:
             continue
         row: dict[str, Any] = {"side": side, "job": job, "queues": queues, "backend": backend}
@@ -364,10 +379,8 @@ def metric_table(
         if r["side"] == side
     }
     keys = list(dict.fromkeys((r["job"], r["queues"]) for r in mine))
-    ratio_of = [b for b in VBLK_BACKENDS if b in backends] if "qsd" in backends else []
-    head = ["job", "queues", *(LABELS[b] for b in backends)] + [
-        f"{'vblk' if b == 'vblk' else 'vblk (cache)'} / qsd" for b in ratio_of
-    ]
+    ratio_of = [b for b in VBLK_BACKENDS if b in backends and PAIRS[b] in backends]
+    head = ["job", "queues", *(LABELS[b] for b in backends)] + [RATIO_LABELS[b] for b in ratio_of]
     lines = ["| " + " | ".join(head) + " |", "| --- | ---: |" + " ---: |" * (len(head) - 2)]
     for job, queues in keys:
         cells = [JOBS[job].title if job in JOBS else job, str(queues)]
@@ -383,7 +396,7 @@ def metric_table(
 
 def render_markdown(results: dict[str, Any]) -> str:
     s, m = results["settings"], results["machine"]
-    backends = [b for b in BACKENDS if b in s["backends"]]
+    backends = [b for b in ALL_BACKENDS if b in s["backends"]]
     cpu_backends = [b for b in backends if b in CPU_BACKENDS]
     dev_backends = [b for b in backends if b in DEVICE_BACKENDS]
     rounds = f"median of {s['rounds']} round{'s' * (s['rounds'] != 1)}"
@@ -421,7 +434,7 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = results["settings"]
-    backends = [b for b in BACKENDS if b in s["backends"]]
+    backends = [b for b in ALL_BACKENDS if b in s["backends"]]
     panels = [
         ("guest", "iops", ("randread", "randwrite"), backends, "guest fio, 4k QD32: IOPS"),
         ("guest", "mb_s", ("seqread", "seqwrite"), backends, "guest fio, 1M QD8: MB/s"),
@@ -451,7 +464,8 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     if not todo:
         raise CompareError("nothing to plot")
     fig, axes = plt.subplots(len(todo), 1, figsize=(9, 3.2 * len(todo)), squeeze=False)
-    colors = {"vblk": "#2a7ab9", "vblk-cache": "#7fb8e0", "qsd": "#e08a2c", "qemu": "#7a7a7a"}
+    colors = {"vblk": "#2a7ab9", "vblk-cache": "#7fb8e0", "qsd": "#e08a2c", "qemu": "#7a7a7a",
+              "vblk-rbd": "#1b4f72", "qsd-rbd": "#a04000"}  # fmt: skip
     for ax, (side, figure, groups, bs, title) in zip(axes[:, 0], todo, strict=True):
         width = min(0.8 / len(bs), 0.3)
         for i, b in enumerate(bs):
@@ -520,6 +534,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def backend_command(kind: str, image: Path, sock: Path, queues: int, s: Settings) -> list[str]:
+    if kind in RBD_BACKENDS:
+        return rbd_backend_command(kind, sock, queues, s)
     if kind in VBLK_BACKENDS:
         args = s.vblk_args if kind == "vblk" else [a for a in s.vblk_args if a != "--direct"]
         return [sys.executable, "-m", "vblk", "serve", str(image), "--socket", str(sock),
@@ -535,6 +551,63 @@ def backend_command(kind: str, image: Path, sock: Path, queues: int, s: Settings
             f"addr.path={sock},writable=on,num-queues={queues}",
         ]  # fmt: skip
     raise ValueError(f"{kind} is not a separate backend process")
+
+
+# -- RBD rows: one image in a throwaway Ceph cluster, started at the first RBD step ------
+
+
+@dataclass
+class RbdTarget:
+    cluster: Any  # tests/ceph_cluster.CephCluster
+    spec: str  # POOL/IMAGE
+
+
+_rbd: RbdTarget | None = None
+
+
+def rbd_target(s: Settings) -> RbdTarget:
+    """The cluster and image the RBD rows share (started once, stopped at exit).
+
+    The image gets the same pre-filled ``span`` as the raw file, so no read hits an
+    object that does not exist (librbd answers those itself, with zeroes).
+    """
+    global _rbd
+    if _rbd is None:
+        import atexit
+        import importlib
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        ceph_cluster = importlib.import_module("ceph_cluster")
+        cluster = ceph_cluster.start(store_bytes=s.span + 2 * s.image_size)
+        atexit.register(cluster.stop)
+        spec = cluster.create_image("compare", s.image_size)
+        chunk = os.urandom(4 * MiB)
+        import rados
+        import rbd
+
+        with rados.Rados(conffile=str(cluster.conf)) as r, r.open_ioctx(cluster.pool) as io:
+            with rbd.Image(io, "compare") as img:
+                for off in range(0, s.span, 4 * MiB):
+                    img.write(chunk[: min(4 * MiB, s.span - off)], off)
+        _rbd = RbdTarget(cluster, spec)
+    return _rbd
+
+
+def rbd_backend_command(kind: str, sock: Path, queues: int, s: Settings) -> list[str]:
+    t = rbd_target(s)
+    conf = str(t.cluster.conf)
+    if kind == "vblk-rbd":
+        return [sys.executable, "-m", "vblk", "serve", f"rbd:{t.spec}", "--opt", f"conf={conf}",
+                "--socket", str(sock), "--num-queues", str(queues)]  # fmt: skip
+    pool, image = t.spec.split("/")
+    return [
+        "qemu-storage-daemon",
+        "--blockdev",
+        f"driver=rbd,node-name=disk,pool={pool},image={image},conf={conf},cache.direct=on",
+        "--export",
+        "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,"
+        f"addr.path={sock},writable=on,num-queues={queues}",
+    ]  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -871,6 +944,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     ap.add_argument("--no-device", action="store_true", help="skip the vblk bench part")
     ap.add_argument(
+        "--rbd",
+        action="store_true",
+        help=f"add the RBD rows ({','.join(RBD_BACKENDS)}): starts a single-node Ceph",
+    )
+    ap.add_argument(
         "--out",
         type=Path,
         default=ROOT / "build" / "compare",
@@ -901,10 +979,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     except ValueError:
         ap.error(f"--queues {a.queues!r}: give numbers, e.g. 1,2")
     s.jobs, s.backends = _csv(a.jobs), _csv(a.backends)
+    if a.rbd:
+        s.backends += [b for b in RBD_BACKENDS if b not in s.backends]
     if bad := [j for j in s.jobs if j not in JOBS]:
         ap.error(f"unknown job(s) {bad}; choose from {list(JOBS)}")
-    if bad := [b for b in s.backends if b not in BACKENDS]:
-        ap.error(f"unknown backend(s) {bad}; choose from {list(BACKENDS)}")
+    if bad := [b for b in s.backends if b not in ALL_BACKENDS]:
+        ap.error(f"unknown backend(s) {bad}; choose from {list(ALL_BACKENDS)}")
     if not s.jobs or not s.backends or not s.queues:
         ap.error("--jobs, --backends and --queues must not be empty")
     if s.rounds < 1 or s.runtime < 1 or any(q < 1 for q in s.queues):
@@ -928,6 +1008,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(render_markdown(earlier))
         return 0
     need = ["qemu-system-x86_64"] + (["qemu-storage-daemon"] if "qsd" in s.backends else [])
+    if any(b in RBD_BACKENDS for b in s.backends):
+        need += ["qemu-storage-daemon", "ceph-mon", "ceph-osd", "ceph-mgr"]
     if missing := [t for t in need if shutil.which(t) is None]:
         print(
             f"compare: error: {', '.join(missing)} missing: bash scripts/install-deps.sh",
