@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import ceph_cluster  # noqa: E402
 import guest as guest_tool  # noqa: E402
+
 from demo import WORKLOAD, show  # noqa: E402
 
 

@@ -48,11 +48,12 @@ def serve(ceph: CephCluster, image: str, tmp: Path, log: str, *extra: str) -> Ba
     """``vblk serve rbd:POOL/IMAGE`` on ``tmp/IMAGE.sock`` with the test cluster's conf."""
     conf = ("--opt", f"conf={ceph.conf}", "--opt", "timeout=20")
     return Backend(
-        Path(f"rbd:{ceph.pool}/{image}"),
+        ceph.conf,  # no image file: the spec names the image
         tmp / f"{image}.sock",
         tmp / f"{log}.log",
         num_queues=2,
         extra=("--queue-size", str(QUEUE_SIZE), *conf, *extra),
+        spec=f"rbd:{ceph.pool}/{image}",
     )
 
 
