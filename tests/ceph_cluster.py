@@ -4,9 +4,10 @@ Everything lives in one temporary directory (config, keyrings, logs, daemon
 data) and the monitor listens on a free loopback port, so several clusters
 (one per test session, one per demo) never meet. Authentication is off
 (``auth_*_required = none``): the cluster is reachable from 127.0.0.1 only
-and lives for minutes. The OSD keeps objects in RAM (memstore), capped by
-``memstore_device_bytes``. Daemons run in the foreground as our children and
-are stopped by their PIDs.
+and lives for minutes; ``start(cephx=True)`` turns cephx on, for tests of
+credentials (client.admin's key is in ``DIR/keyring``, which the conf names).
+The OSD keeps objects in RAM (memstore), capped by ``memstore_device_bytes``.
+Daemons run in the foreground as our children and are stopped by their PIDs.
 
 Used by the ``ceph`` pytest fixture (tests/conftest.py), ``make ceph-demo``
 and ``make compare``; ``python tests/ceph_cluster.py`` starts one and waits.
@@ -38,9 +39,9 @@ mon_host = v2:127.0.0.1:{port}
 ms_bind_msgr1 = false
 ms_bind_ipv4 = true
 public_addr = 127.0.0.1
-auth_cluster_required = none
-auth_service_required = none
-auth_client_required = none
+auth_cluster_required = {auth}
+auth_service_required = {auth}
+auth_client_required = {auth}
 keyring = {dir}/keyring
 run_dir = {dir}/run
 log_file = {dir}/log/$name.log
@@ -79,6 +80,10 @@ debug_ms = 0
 debug_osd = 0
 debug_mon = 0
 debug_mgr = 0
+[osd]
+keyring = $osd_data/keyring
+[mgr]
+keyring = $mgr_data/keyring
 """
 
 
@@ -221,7 +226,10 @@ def _log_tail(cluster: CephCluster) -> str:
 
 
 def start(
-    base: Path | None = None, pool: str = POOL, store_bytes: int = STORE_BYTES
+    base: Path | None = None,
+    pool: str = POOL,
+    store_bytes: int = STORE_BYTES,
+    cephx: bool = False,
 ) -> CephCluster:
     """Create and start a cluster with one pool for RBD; stop it with :meth:`CephCluster.stop`."""
     for exe in ("ceph-mon", "ceph-osd", "ceph-mgr", "monmaptool", "ceph-authtool"):
@@ -230,7 +238,7 @@ def start(
     d = Path(tempfile.mkdtemp(prefix="vblk-ceph-", dir=base))
     cluster = CephCluster(dir=d, port=free_port(), pool=pool)
     try:
-        _bootstrap(cluster, store_bytes)
+        _bootstrap(cluster, store_bytes, cephx)
     except BaseException as e:
         tail = _log_tail(cluster)
         cluster.stop()
@@ -240,12 +248,14 @@ def start(
     return cluster
 
 
-def _bootstrap(cluster: CephCluster, store_bytes: int) -> None:
+def _bootstrap(cluster: CephCluster, store_bytes: int, cephx: bool) -> None:
     d = cluster.dir
     for sub in ("run", "log", "crash", "mon/ceph-a", "osd/ceph-0", "mgr/ceph-x"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     fsid = str(uuid.uuid4())
-    cluster.conf.write_text(_CONF.format(fsid=fsid, port=cluster.port, dir=d, store=store_bytes))
+    auth = "cephx" if cephx else "none"
+    conf = _CONF.format(fsid=fsid, port=cluster.port, dir=d, store=store_bytes, auth=auth)
+    cluster.conf.write_text(conf)
     keyring = d / "keyring"
     kr = ["ceph-authtool", str(keyring)]
     _check([*kr, "--create-keyring", "--gen-key", "-n", "mon.", "--cap", "mon", "allow *"])
@@ -261,12 +271,23 @@ def _bootstrap(cluster: CephCluster, store_bytes: int) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     osd_uuid = str(uuid.uuid4())
     _retry(deadline, lambda: cluster.mon_command(prefix="osd new", uuid=osd_uuid, id=0), cluster)
+    if cephx:
+        _daemon_key(cluster, "osd.0", d / "osd/ceph-0/keyring", "mon", "allow profile osd",
+                    "mgr", "allow profile osd", "osd", "allow *")  # fmt: skip
+        _daemon_key(cluster, "mgr.x", d / "mgr/ceph-x/keyring", "mon", "allow profile mgr",
+                    "osd", "allow *", "mds", "allow *")  # fmt: skip
     _check(["ceph-osd", "-c", str(cluster.conf), "-i", "0", "--mkfs", "--osd-uuid", osd_uuid])
     cluster.start_osd()
     cluster.procs["mgr.x"] = cluster._daemon("ceph-mgr", "-i", "x")
     cluster.mon_command(prefix="osd pool create", pool=cluster.pool, pg_num=8, pgp_num=8)
     cluster.mon_command(prefix="osd pool application enable", pool=cluster.pool, app="rbd")
     _retry(deadline, lambda: _probe(cluster), cluster)
+
+
+def _daemon_key(cluster: CephCluster, entity: str, path: Path, *caps: str) -> None:
+    """Create a daemon's key in the monitor and write its keyring where the conf says."""
+    out = cluster.mon_command(prefix="auth get-or-create", entity=entity, caps=list(caps))
+    path.write_text(out)
 
 
 def _probe(cluster: CephCluster) -> None:

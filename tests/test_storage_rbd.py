@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import select
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from ceph_cluster import CephCluster
+from ceph_cluster import CephCluster, start
 
 from vblk.storage.base import FLAG_UNMAP, Completion, Op, StorageError
 from vblk.storage.rbd import THICK_PROVISION, RbdQueue, open_rbd, parse_rbd_spec
@@ -281,6 +282,33 @@ def test_rbd_open_errors_are_one_line(ceph: CephCluster, tmp_path: Any) -> None:
     with pytest.raises(StorageError, match="cannot reach the Ceph cluster"):
         open_rbd(f"{ceph.pool}/unit-errors", {"conf": str(dead), "timeout": "2"}, False)
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.interop
+def test_rbd_bad_credentials_are_one_line(tmp_path: Any) -> None:
+    """A cluster of its own with cephx on: an unknown client, a wrong key, a missing keyring."""
+    cluster = start(base=tmp_path, cephx=True, store_bytes=64 << 20)
+    try:
+        spec = cluster.create_image("creds", 1 << 20)
+        opened = open_rbd(spec, {"conf": str(cluster.conf)}, False)  # the right key works
+        opened.close()
+        wrong = tmp_path / "wrong.keyring"
+        subprocess.run(
+            ["ceph-authtool", "--create-keyring", str(wrong), "--gen-key", "-n", "client.admin"],
+            check=True,
+            capture_output=True,
+        )
+        cases = [
+            ({"id": "nobody"}, "the cluster refused client.nobody"),
+            ({"keyring": str(wrong)}, "the cluster refused client.admin"),
+            ({"keyring": str(tmp_path / "missing")}, "no keyring"),
+        ]
+        for opts, message in cases:
+            with pytest.raises(StorageError, match=message) as err:
+                open_rbd(spec, {"conf": str(cluster.conf), "timeout": "10", **opts}, False)
+            assert "\n" not in str(err.value)
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.interop

@@ -132,6 +132,8 @@ def open_rbd(spec: str, opts: dict[str, str], read_only: bool) -> RbdStorage:
         "err_to_stderr": "false",
     }
     if "keyring" in opts:
+        if not os.path.isfile(opts["keyring"]):
+            raise StorageError(f"rbd:{spec}: no keyring {opts['keyring']}")
         settings["keyring"] = opts["keyring"]
     who = f"client.{client}"
     try:
