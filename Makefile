@@ -4,11 +4,15 @@
 # python3-rbd); PYTHON=... runs everything with another interpreter.
 PYTHON ?= $(CURDIR)/.venv/bin/python
 
-.PHONY: demo test deps lint fmt unit e2e e2e-qsd soak interop compare guest clean
+.PHONY: demo ceph-demo test deps lint fmt unit e2e e2e-qsd soak interop compare guest clean
 
 # Serve demo/disk.img with vblk serve (2 queues) and let a real QEMU guest run fio on it.
 demo: deps
 	$(PYTHON) scripts/demo.py
+
+# The same with the disk in a throwaway single-node Ceph: vblk serve rbd:rbd/demo (tests/ceph_cluster.py).
+ceph-demo: deps
+	$(PYTHON) scripts/ceph_demo.py
 
 # Lint, type-check, then every test: unit, interop (qemu-storage-daemon) and e2e (QEMU guests).
 test:
@@ -50,11 +54,11 @@ soak:
 guest:
 	$(PYTHON) tools/guest.py build
 
-# vblk serve vs qemu-storage-daemon vs QEMU's built-in virtio-blk: guest fio and vblk bench,
+# vblk serve vs qemu-storage-daemon vs QEMU's built-in virtio-blk (and both on Ceph RBD, --rbd):
 # 3 rounds of 8 s jobs (~20 min). Results in build/compare/results.{json,md,png}.
 # COMPARE_ARGS="--quick" for a smoke run; see python3 bench/compare.py --help.
 compare: deps
-	$(PYTHON) bench/compare.py $(COMPARE_ARGS)
+	$(PYTHON) bench/compare.py --rbd $(COMPARE_ARGS)
 
 clean:
 	rm -rf demo build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -19,6 +19,10 @@ One image serves them all, one backend at a time:
   nbd driver.
 
 Ratios are like for like only: each vblk row against its qsd counterpart (``PAIRS``).
+* with ``--rbd`` (``make compare`` passes it): ``vblk-rbd`` and ``qsd-rbd``, one RBD
+  image in a throwaway single-node Ceph (tests/ceph_cluster.py, memstore OSD), served by
+  ``vblk serve rbd:...`` and by qemu-storage-daemon's ``driver=rbd`` (``cache.direct=on``,
+  like vblk's ``rbd_cache=false``); their ratio is vblk-rbd / qsd-rbd.
 
 For each backend and queue count the test guest (tools/guest.py: QEMU TCG, 2 vCPUs)
 boots once per round and runs the same fio jobs (4k randread/randwrite QD32, 1M
@@ -78,24 +82,31 @@ LABELS = {
     "qsd-qcow2": "qsd qcow2",
     "vblk-nbd": "vblk serve nbd",
     "qsd-nbd": "qsd nbd",
+    "vblk-rbd": "vblk serve rbd",
+    "qsd-rbd": "qsd rbd",
 }
+#: Rows on a Ceph RBD image (--rbd), outside the default set: they start a cluster.
+RBD_BACKENDS = ("vblk-rbd", "qsd-rbd")
+ALL_BACKENDS = (*BACKENDS, *RBD_BACKENDS)
 #: Each vblk variant and its like-for-like qemu-storage-daemon counterpart.
 PAIRS = {
     "vblk": "qsd",
     "vblk-cache": "qsd-cache",
     "vblk-qcow2": "qsd-qcow2",
     "vblk-nbd": "qsd-nbd",
+    "vblk-rbd": "qsd-rbd",
 }
 RATIO_LABELS = {
     "vblk": "vblk / qsd",
     "vblk-cache": "vblk (cache) / qsd (cache)",
     "vblk-qcow2": "qcow2: vblk / qsd",
     "vblk-nbd": "nbd: vblk / qsd",
+    "vblk-rbd": "rbd: vblk / qsd",
 }
 VBLK_BACKENDS = tuple(PAIRS)
 #: Backends that run as their own process, so their CPU time can be read; QEMU's
 #: built-in device shares its process with the emulated vCPUs.
-CPU_BACKENDS = tuple(b for b in BACKENDS if b != "qemu")
+CPU_BACKENDS = (*(b for b in BACKENDS if b != "qemu"), *RBD_BACKENDS)
 #: Backends ``vblk bench`` can drive (vhost-user sockets).
 DEVICE_BACKENDS = CPU_BACKENDS
 #: Rows that serve another storage than the raw file; --quick runs them with 1 queue only.
@@ -431,7 +442,7 @@ def metric_table(
 
 def render_markdown(results: dict[str, Any]) -> str:
     s, m = results["settings"], results["machine"]
-    backends = [b for b in BACKENDS if b in s["backends"]]
+    backends = [b for b in ALL_BACKENDS if b in s["backends"]]
     cpu_backends = [b for b in backends if b in CPU_BACKENDS]
     dev_backends = [b for b in backends if b in DEVICE_BACKENDS]
     rounds = f"median of {s['rounds']} round{'s' * (s['rounds'] != 1)}"
@@ -469,7 +480,7 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = results["settings"]
-    backends = [b for b in BACKENDS if b in s["backends"]]
+    backends = [b for b in ALL_BACKENDS if b in s["backends"]]
     panels = [
         ("guest", "iops", ("randread", "randwrite"), backends, "guest fio, 4k QD32: IOPS"),
         ("guest", "mb_s", ("seqread", "seqwrite"), backends, "guest fio, 1M QD8: MB/s"),
@@ -502,7 +513,7 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     colors = {
         "vblk": "#2a7ab9", "vblk-cache": "#7fb8e0", "qsd": "#e08a2c", "qsd-cache": "#f2c48d",
         "qemu": "#7a7a7a", "vblk-qcow2": "#1f5f3a", "qsd-qcow2": "#b5542a",
-        "vblk-nbd": "#57a773", "qsd-nbd": "#d98a6a",
+        "vblk-nbd": "#57a773", "qsd-nbd": "#d98a6a", "vblk-rbd": "#1b4f72", "qsd-rbd": "#a04000",
     }  # fmt: skip
     for ax, (side, figure, groups, bs, title) in zip(axes[:, 0], todo, strict=True):
         width = min(0.8 / len(bs), 0.3)
@@ -598,6 +609,8 @@ def _qsd(file_or_node: list[str], sock: Path, queues: int) -> list[str]:
 
 
 def backend_command(kind: str, image: Path, sock: Path, queues: int, s: Settings) -> list[str]:
+    if kind in RBD_BACKENDS:
+        return rbd_backend_command(kind, sock, queues, s)
     serve = [sys.executable, "-m", "vblk", "serve"]
     at = ["--socket", str(sock), "--num-queues", str(queues)]
     cached = [a for a in s.vblk_args if a != "--direct"]
@@ -627,6 +640,63 @@ def backend_command(kind: str, image: Path, sock: Path, queues: int, s: Settings
             f"server.path={nbd_socket(image)}",
         ], sock, queues)  # fmt: skip
     raise ValueError(f"{kind} is not a separate backend process")
+
+
+# -- RBD rows: one image in a throwaway Ceph cluster, started at the first RBD step ------
+
+
+@dataclass
+class RbdTarget:
+    cluster: Any  # tests/ceph_cluster.CephCluster
+    spec: str  # POOL/IMAGE
+
+
+_rbd: RbdTarget | None = None
+
+
+def rbd_target(s: Settings) -> RbdTarget:
+    """The cluster and image the RBD rows share (started once, stopped at exit).
+
+    The image gets the same pre-filled ``span`` as the raw file, so no read hits an
+    object that does not exist (librbd answers those itself, with zeroes).
+    """
+    global _rbd
+    if _rbd is None:
+        import atexit
+        import importlib
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        ceph_cluster = importlib.import_module("ceph_cluster")
+        cluster = ceph_cluster.start(store_bytes=s.span + 2 * s.image_size)
+        atexit.register(cluster.stop)
+        spec = cluster.create_image("compare", s.image_size)
+        chunk = os.urandom(4 * MiB)
+        import rados
+        import rbd
+
+        with rados.Rados(conffile=str(cluster.conf)) as r, r.open_ioctx(cluster.pool) as io:
+            with rbd.Image(io, "compare") as img:
+                for off in range(0, s.span, 4 * MiB):
+                    img.write(chunk[: min(4 * MiB, s.span - off)], off)
+        _rbd = RbdTarget(cluster, spec)
+    return _rbd
+
+
+def rbd_backend_command(kind: str, sock: Path, queues: int, s: Settings) -> list[str]:
+    t = rbd_target(s)
+    conf = str(t.cluster.conf)
+    if kind == "vblk-rbd":
+        return [sys.executable, "-m", "vblk", "serve", f"rbd:{t.spec}", "--opt", f"conf={conf}",
+                "--socket", str(sock), "--num-queues", str(queues)]  # fmt: skip
+    pool, image = t.spec.split("/")
+    return [
+        "qemu-storage-daemon",
+        "--blockdev",
+        f"driver=rbd,node-name=disk,pool={pool},image={image},conf={conf},cache.direct=on",
+        "--export",
+        "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,"
+        f"addr.path={sock},writable=on,num-queues={queues}",
+    ]  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -1001,6 +1071,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     ap.add_argument("--no-device", action="store_true", help="skip the vblk bench part")
     ap.add_argument(
+        "--rbd",
+        action="store_true",
+        help=f"add the RBD rows ({','.join(RBD_BACKENDS)}): starts a single-node Ceph",
+    )
+    ap.add_argument(
         "--out",
         type=Path,
         default=ROOT / "build" / "compare",
@@ -1031,10 +1106,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     except ValueError:
         ap.error(f"--queues {a.queues!r}: give numbers, e.g. 1,2")
     s.jobs, s.backends = _csv(a.jobs), _csv(a.backends)
+    if a.rbd:
+        s.backends += [b for b in RBD_BACKENDS if b not in s.backends]
     if bad := [j for j in s.jobs if j not in JOBS]:
         ap.error(f"unknown job(s) {bad}; choose from {list(JOBS)}")
-    if bad := [b for b in s.backends if b not in BACKENDS]:
-        ap.error(f"unknown backend(s) {bad}; choose from {list(BACKENDS)}")
+    if bad := [b for b in s.backends if b not in ALL_BACKENDS]:
+        ap.error(f"unknown backend(s) {bad}; choose from {list(ALL_BACKENDS)}")
     if not s.jobs or not s.backends or not s.queues:
         ap.error("--jobs, --backends and --queues must not be empty")
     if s.rounds < 1 or s.runtime < 1 or any(q < 1 for q in s.queues):
@@ -1062,6 +1139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         need.append("qemu-storage-daemon")
     if any(b in STORAGE_BACKENDS for b in s.backends):
         need += ["qemu-img", "qemu-nbd"]
+    if any(b in RBD_BACKENDS for b in s.backends):
+        need += ["qemu-storage-daemon", "ceph-mon", "ceph-osd", "ceph-mgr"]
     if missing := [t for t in need if shutil.which(t) is None]:
         print(
             f"compare: error: {', '.join(missing)} missing: bash scripts/install-deps.sh",
