@@ -32,8 +32,8 @@ Timing every request costs far more than the 5%-of-IOPS budget in CPython
 (about 3.5 us of worker CPU per timed request, against about 7 us for a whole
 4k read from memory, and +40% backend CPU per I/O under ``vblk bench``), so
 by default one request in :data:`DEFAULT_SAMPLE_EVERY` is timed (``vblk
-serve --stage-sample``); the others cost the worker one countdown. A trace (:meth:`QueueStages.start_trace`) may
-raise the rate to every request while it runs.
+serve --stage-sample``); the others cost the worker one countdown. A trace
+(:meth:`QueueStages.start_trace`) may raise the rate to every request while it runs.
 """
 
 from __future__ import annotations
