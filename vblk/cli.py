@@ -180,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_level(serve)
     serve.set_defaults(func=cmd_serve)
 
-    from vblk import bench, info
+    from vblk import bench, info, top, trace
 
     info.add_parser(sub)
     bench.add_parser(sub)
+    top.add_parser(sub)
+    trace.add_parser(sub)
     return parser
 
 
