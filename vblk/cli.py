@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     top.add_parser(sub)
     trace.add_parser(sub)
+    from vblk import ctl, daemon
+
+    daemon.add_parser(sub)
+    ctl.add_parser(sub)
     return parser
 
 
