@@ -36,7 +36,8 @@ class Served:
         return str(self.sock)
 
 
-def serve(tmp: Path, *extra: str, name: str = "disk") -> Served:
+def serve(tmp: Path, *extra: str, name: str = "disk", queues: str | None = "2") -> Served:
+    """``vblk serve`` with ``--num-queues queues`` (None: its default) and ``extra``."""
     img = tmp / f"{name}.img"
     if not img.exists():
         with open(img, "wb") as f:
@@ -44,7 +45,8 @@ def serve(tmp: Path, *extra: str, name: str = "disk") -> Served:
     sock = tmp / f"{name}.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vblk", "serve", str(img), "--socket", str(sock),
-         "--num-queues", "2", "--serial", SERIAL, "--log-level", "warning", *extra],
+         *(["--num-queues", queues] if queues else []), "--serial", SERIAL,
+         "--log-level", "warning", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     deadline = time.monotonic() + 15
@@ -138,6 +140,35 @@ def test_both_queues_carry_io(served: Served) -> None:
         for t in threads:
             t.join(30)
         assert statuses == {0: [0] * 300, 1: [0] * 300}
+
+
+def test_the_client_uses_every_queue_and_ring_size_a_default_backend_offers(
+    tmp_path: Path,
+) -> None:
+    from vblk.cli import DEFAULT_NUM_QUEUES
+
+    s = serve(tmp_path, queues=None)
+    try:
+        with client.connect(s.path, timeout=10) as dev:
+            offered = dev.max_queues
+        assert offered == DEFAULT_NUM_QUEUES >= 64
+        data = os.urandom(8192)
+        with client.connect(s.path, num_queues=offered, queue_size=1024, timeout=10) as dev:
+            assert len(dev.queues) == offered
+            buf = dev.alloc(8192)
+            buf.view[:] = data
+            last = dev.queues[-1]
+            last.submit_write(0, buf.gpa, 8192, "w")
+            last.kick()
+            done: list[tuple[Any, int]] = []
+            while not done:
+                last.complete(done, 10)
+            assert done == [("w", 0)]
+            assert dev.read(0, 8192) == data
+        with client.connect(s.path, queue_size=32768, timeout=10) as dev:
+            assert dev.queue_size == 32768 and dev.read(0, 8192) == data
+    finally:
+        assert shutdown(s) == 0
 
 
 def test_read_only(tmp_path: Path) -> None:

@@ -108,17 +108,20 @@ def negotiate(s: BackendSession) -> int:
     return feats
 
 
-def setup_ring(s: BackendSession, index: int, ram: bytearray) -> DriverQueue:
+def setup_ring(
+    s: BackendSession, index: int, ram: bytearray, size: int = QSIZE, *, base: int | None = None
+) -> DriverQueue:
     """Lay a ring in guest RAM and hand it to the session as QEMU would."""
-    layout = vdefs.ring_layout(QSIZE)
-    base = index * 0x10000  # ring area offset in RAM
+    layout = vdefs.ring_layout(size)
+    if base is None:
+        base = index * 0x10000  # ring area offset in RAM
     view = memoryview(ram)
     drv = DriverQueue(
-        QSIZE,
+        size,
         *layout.views(view[base:]),
         event_idx=True,
     )
-    send(s, Request.SET_VRING_NUM, VringState(index, QSIZE))
+    send(s, Request.SET_VRING_NUM, VringState(index, size))
     send(s, Request.SET_VRING_BASE, VringState(index, 0))
     send(
         s,
@@ -582,3 +585,141 @@ def test_any_message_sequence_is_answered_or_refused(
     for fd in sent:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+# -- ring sizes, queue counts and refusals (issue 12) ------------------------------------
+
+
+def default_session(
+    device: BlockDevice, ram: bytearray, num_queues: int = 2
+) -> tuple[BackendSession, RecordingHost]:
+    """A session as vblk serve makes it with no flags: no cap below the spec's."""
+    host = RecordingHost()
+    return BackendSession(device, host, num_queues=num_queues, map_region=fake_map(ram)), host
+
+
+@pytest.mark.parametrize("size", [1, 128, 1024, 32768])
+def test_every_ring_size_is_served_and_tracked_by_default(
+    device: BlockDevice, guest_ram: bytearray, size: int
+) -> None:
+    s, host = default_session(device, guest_ram)
+    negotiate(s)
+    set_mem(s)
+    r = get_inflight(s, 2, size)
+    assert r.payload == Inflight(region_size(2, size), 0, 2, size)
+    assert set_inflight(s, r.fds[0], region_size(2, size), qs=size) == reply_ok()
+    setup_ring(s, 1, guest_ram, size, base=0)
+    send(s, Request.SET_VRING_ENABLE, VringState(1, 1))
+    q = s.vrings[1].queue
+    assert host.started == [1] and q is not None
+    assert q.size == size and q.failed is None and q.tracks_inflight
+    s.close()
+
+
+def test_unused_queues_allocate_nothing(device: BlockDevice, guest_ram: bytearray) -> None:
+    s, host = default_session(device, guest_ram, num_queues=64)
+    negotiate(s)
+    r = send(s, Request.GET_QUEUE_NUM)
+    assert r is not None and r.payload == U64(64)
+    set_mem(s)
+    assert s.vrings == {}
+    setup_ring(s, 5, guest_ram)
+    send(s, Request.SET_VRING_ENABLE, VringState(5, 1))
+    assert list(s.vrings) == [5] and host.started == [5]
+    s.close()
+
+
+def test_a_queue_beyond_num_queues_is_refused_naming_both_settings(
+    session: tuple[BackendSession, RecordingHost], caplog: pytest.LogCaptureFixture
+) -> None:
+    s, _ = session
+    negotiate(s)
+    r = send(s, Request.SET_VRING_NUM, VringState(2, 64), need_reply=True)
+    assert r is not None and r.payload == U64(1)
+    assert 2 not in s.vrings
+    line = caplog.records[-1].getMessage()
+    assert "vhost-user-blk-pci num-queues" in line and "--num-queues" in line
+
+
+def test_a_refused_ring_size_never_starts_with_the_previous_one(
+    session: tuple[BackendSession, RecordingHost],
+    guest_ram: bytearray,
+    device: BlockDevice,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s, host = session  # --queue-size 256
+    negotiate(s)
+    set_mem(s)
+    assert send(s, Request.SET_VRING_NUM, VringState(0, 256), need_reply=True) == Message(
+        Request.SET_VRING_NUM, 0x5, U64(0)
+    )
+    err = os.eventfd(0, os.EFD_NONBLOCK)
+    send(s, Request.SET_VRING_ERR, U64(0), fds=(os.dup(err),))
+    caplog.clear()
+    # QEMU ignores the NACK (it does not wait for one) and sets the ring up for 1024.
+    drv = setup_ring(s, 0, guest_ram, 1024)
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1
+    assert "vhost-user-blk-pci queue-size=1024" in refusals[0]
+    assert "vblk serve --queue-size 256" in refusals[0]
+    send(s, Request.SET_VRING_ENABLE, VringState(0, 1))
+    q = s.vrings[0].queue
+    assert host.started == [0] and q is not None
+    # Not a ring of 256 over the guest's 1024 entries: the 1024 it laid out, failing.
+    assert q.size == 1024 and q.failed is not None and not q.tracks_inflight
+    assert os.eventfd_read(err) == 1
+    hdr, st = 0x40000, 0x40200
+    struct.pack_into("<IIQ", guest_ram, hdr, ReqType.IN, 0, 0)
+    guest_ram[st] = 0xFF
+    head = drv.add([(GPA + hdr, 16)], [(GPA + 0x40400, 512), (GPA + st, 1)])
+    chain = q.pop()
+    assert chain is not None and chain.head == head
+    assert device.handle(chain, Stats()) == 1
+    assert guest_ram[st] == Status.IOERR
+    # A valid size clears the refusal: the ring then starts as configured.
+    send(s, Request.GET_VRING_BASE, VringState(0, 0))
+    setup_ring(s, 0, guest_ram, 256)
+    q = s.vrings[0].queue
+    assert q is not None and q.size == 256 and q.failed is None
+    assert s.vrings[0].refused == {}
+    os.close(err)
+    s.close()
+
+
+def test_a_refused_ring_base_is_remembered_too(
+    session: tuple[BackendSession, RecordingHost], guest_ram: bytearray
+) -> None:
+    s, _ = session
+    negotiate(s)
+    set_mem(s)
+    send(s, Request.SET_VRING_BASE, VringState(0, 7))
+    setup_ring(s, 0, guest_ram)  # sends base 0: accepted
+    r = send(s, Request.SET_VRING_BASE, VringState(0, 1 << 20), need_reply=True)
+    assert r is not None and r.payload == U64(1)
+    send(s, Request.SET_VRING_ENABLE, VringState(0, 1))
+    q = s.vrings[0].queue
+    assert q is not None and q.failed is not None and "ring base" in q.failed
+
+
+def test_a_small_ring_without_indirect_descriptors_is_refused(
+    device: BlockDevice, guest_ram: bytearray, caplog: pytest.LogCaptureFixture
+) -> None:
+    s, _ = default_session(device, guest_ram)
+    r = send(s, Request.GET_FEATURES)
+    assert r is not None and isinstance(r.payload, U64)
+    send(s, Request.SET_FEATURES, U64(r.payload.value & ~(1 << vdefs.VIRTIO_F_RING_INDIRECT_DESC)))
+    send(s, Request.SET_PROTOCOL_FEATURES, U64(PROTOCOL_FEATURES))
+    # seg_max 126: a request of 128 descriptors never fits a ring of 64.
+    r = send(s, Request.SET_VRING_NUM, VringState(0, 64), need_reply=True)
+    assert r is not None and r.payload == U64(1)
+    line = caplog.records[-1].getMessage()
+    assert "queue-size=64,indirect_desc=off" in line and "--queue-size 64" in line
+    r = send(s, Request.SET_VRING_NUM, VringState(0, 128), need_reply=True)
+    assert r is not None and r.payload == U64(0)
+    # With --queue-size 64, seg_max is 62 and a ring of 64 holds every request.
+    capped = BlockDevice(device.image, num_queues=2, queue_size=64)
+    s2 = BackendSession(capped, RecordingHost(), num_queues=2, max_queue_size=64)
+    send(s2, Request.SET_FEATURES, U64(1 << vdefs.VIRTIO_F_VERSION_1))
+    send(s2, Request.SET_PROTOCOL_FEATURES, U64(PROTOCOL_FEATURES))
+    r = send(s2, Request.SET_VRING_NUM, VringState(0, 64), need_reply=True)
+    assert r is not None and r.payload == U64(0)

@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vblk.blk.config import min_direct_ring, seg_max_for
 from vblk.errors import QueueError
 from vblk.memory import GuestMemory
 from vblk.virtio import defs as vdefs
+from vblk.virtio.defs import MAX_QUEUE_SIZE
 from vblk.virtio.inflight import QueueInflight, queue_region_size
 from vblk.virtio.queue import Chain, DeviceQueue
 
@@ -200,6 +202,45 @@ def test_full_length_chain_is_not_a_loop() -> None:
     r.publish(0)
     c = r.pop_checked()
     assert c is not None and c.error is None and len(c.readable) == n
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 64, 128, 256, 2048])
+def test_the_longest_request_a_guest_builds_walks_at_every_ring_size(size: int) -> None:
+    """seg_max data segments plus header and status: indirect at any size, direct if it fits."""
+    seg_max = seg_max_for(MAX_QUEUE_SIZE)
+    longest = [(DATA, 16, NEXT, 1)]  # header
+    longest += [(DATA + 0x100 + 512 * k, 512, NEXT, 2 + k) for k in range(seg_max)]
+    longest += [(DATA + 0x100 + 512 * seg_max, 1, WRITE, 0)]  # status
+    r = MockRing(size)
+    tbl = DATA + 0x10000
+    r.table(tbl, longest)
+    r.desc(0, tbl, 16 * len(longest), INDIRECT)
+    r.publish(0)
+    c = r.pop_checked()
+    assert c is not None and c.error is None
+    assert len(c.readable) == 1 + seg_max and lens(c.writable) == [1]
+    if size < min_direct_ring(seg_max):
+        return  # the session refuses such rings without INDIRECT_DESC
+    r = MockRing(size, indirect=False)
+    for i, (addr, length, flags, nxt) in enumerate(longest):
+        r.desc(i, addr, length, flags, nxt)
+    r.publish(0)
+    c = r.pop_checked()
+    assert c is not None and c.error is None
+    assert len(c.readable) == 1 + seg_max and lens(c.writable) == [1]
+
+
+def test_a_failed_queue_answers_every_chain_with_its_reason() -> None:
+    r = MockRing(8)
+    r.q.failed = "queue 0: ring size 1024 refused"
+    r.desc(3, DATA, 16, NEXT, 4)
+    r.desc(4, DATA + 0x200, 1, WRITE)
+    r.publish(3)
+    c = r.pop_checked()
+    assert c is not None and c.error == "queue 0: ring size 1024 refused"
+    assert lens(c.writable) == [1]  # the status byte, for an IOERR
+    r.q.push(3, 1)
+    assert r.used_elem(0) == (3, 1)
 
 
 # -- malicious chains: a Chain with error, consumed, never an exception --------

@@ -244,7 +244,8 @@ def qemu_command(
     (O_DIRECT, ``aio`` = threads, native or io_uring).
 
     ``reconnect`` (seconds, 0 = never): QEMU redials a backend that went away, so
-    the backend can be restarted under a running guest.
+    the backend can be restarted under a running guest. ``num_queues`` 0 leaves the
+    device's num-queues unset: QEMU then gives it one queue per vCPU.
     """
     cmd = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", mem, "-smp", str(smp),
@@ -253,18 +254,20 @@ def qemu_command(
         "-append", "console=ttyS0 panic=-1 quiet",
     ]  # fmt: skip
     opts = f",{device_opts}" if device_opts else ""
+    if num_queues:
+        opts = f",num-queues={num_queues}{opts}"
     if socket is not None:
         chardev = f"socket,id=c0,path={socket}" + (f",reconnect={reconnect}" if reconnect else "")
         cmd += [
             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
             "-numa", "node,memdev=mem",
             "-chardev", chardev,
-            "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={num_queues}{opts}",
+            "-device", f"vhost-user-blk-pci,chardev=c0{opts}",
         ]  # fmt: skip
     elif image is not None:
         cmd += [
             "-drive", f"file={image},if=none,id=d0,format=raw,cache=none,aio={aio}",
-            "-device", f"virtio-blk-pci,drive=d0,num-queues={num_queues}{opts}",
+            "-device", f"virtio-blk-pci,drive=d0{opts}",
         ]  # fmt: skip
     else:
         raise ValueError("a socket or an image is needed")
@@ -413,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     target.add_argument("--socket", help="vhost-user-blk socket")
     target.add_argument("--image", help="raw image for QEMU's own virtio-blk (baseline)")
     r.add_argument("--workload", required=True, help="shell script run inside the guest")
-    r.add_argument("--num-queues", type=int, default=1)
+    r.add_argument("--num-queues", type=int, default=1, help="0: unset (one per vCPU)")
     r.add_argument("--smp", type=int, default=1)
     r.add_argument("--mem", default="512M")
     r.add_argument("--timeout", type=float, default=180)

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vblk.blk.defs import SECTOR_SHIFT, SECTOR_SIZE, ReqType
+from vblk.cli import queue_size_arg
 from vblk.errors import VblkError
+from vblk.virtio.defs import MAX_QUEUE_SIZE
 
 RW_MODES = ("read", "write", "randread", "randwrite", "randrw", "rw")
 
@@ -96,6 +98,7 @@ class Job:
     rwmixread: int
     verify: bool
     seed: int
+    queue_size: int = 0  # ring entries per queue; 0: the smallest from 256 up that fits iodepth
 
 
 @dataclass
@@ -351,11 +354,17 @@ def run(
     from vblk.client import connect
 
     per_req = 2 + 1  # header, data, status: bs never exceeds size_max in practice
-    queue_size = 256
-    while queue_size < job.iodepth * per_req and queue_size < 1024:
-        queue_size *= 2
-    if job.iodepth * per_req > queue_size:
-        raise BenchError(f"--iodepth {job.iodepth} needs more than 1024 descriptors per queue")
+    need = job.iodepth * per_req
+    queue_size = job.queue_size
+    if not queue_size:
+        queue_size = 256
+        while queue_size < need and queue_size < MAX_QUEUE_SIZE:
+            queue_size *= 2
+    if need > queue_size:
+        raise BenchError(
+            f"--iodepth {job.iodepth} needs {need} descriptors per queue, "
+            f"more than a ring of {queue_size} holds"
+        )
     mem = job.queues * job.iodepth * job.bs + (1 << 20)
     with connect(
         socket_path, num_queues=job.queues, queue_size=queue_size, mem_size=mem, timeout=timeout
@@ -419,6 +428,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--iodepth", type=int, default=32, metavar="N", help="per queue (default 32)")
     p.add_argument("--queues", type=int, default=1, metavar="N", help="queues, one thread each")
     p.add_argument(
+        "--queue-size",
+        type=queue_size_arg,
+        default=0,
+        metavar="N",
+        help="ring entries per queue, a power of two up to 32768 "
+        "(default: the smallest from 256 up that holds --iodepth requests)",
+    )
+    p.add_argument(
         "--runtime",
         type=float,
         default=10.0,
@@ -479,6 +496,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rwmixread=args.rwmixread,
         verify=args.verify,
         seed=args.seed,
+        queue_size=args.queue_size,
     )
     progress = args.progress or sys.stderr.isatty()
     result = run(args.socket, job, progress=progress, timeout=args.timeout)

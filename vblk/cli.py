@@ -20,8 +20,11 @@ from vblk.errors import VblkError
 
 log = logging.getLogger("vblk")
 
-#: Queues a backend may offer; QEMU's vhost-user-blk accepts up to 1024, far beyond need.
-MAX_NUM_QUEUES = 64
+#: Queues a backend may offer: QEMU's VIRTIO_QUEUE_MAX, the most vhost-user-blk-pci can use.
+MAX_NUM_QUEUES = 1024
+#: Queues offered by default: QEMU gives a guest one per vCPU unless told otherwise, and a
+#: queue the frontend never starts costs nothing, so enough for any guest on this host.
+DEFAULT_NUM_QUEUES = min(MAX_NUM_QUEUES, max(64, os.cpu_count() or 1))
 
 
 class UsageError(VblkError):
@@ -45,10 +48,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _queue_size(text: str) -> int:
+def queue_size_arg(text: str) -> int:
+    """An argparse type: a split-ring size (a power of two in 1..32768), else a one-line error."""
+    from vblk.virtio.defs import MAX_QUEUE_SIZE, is_queue_size
+
     value = _positive_int(text)
-    if value > 1024 or value & (value - 1):
-        raise argparse.ArgumentTypeError(f"must be a power of two up to 1024, got {value}")
+    if not is_queue_size(value):
+        raise argparse.ArgumentTypeError(
+            f"must be a power of two up to {MAX_QUEUE_SIZE}, got {value}"
+        )
     return value
 
 
@@ -99,6 +107,7 @@ def _size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from vblk.io.engines import ENGINES
     from vblk.virtio.coalesce import DEFAULT_HOLD_US
+    from vblk.virtio.defs import MAX_QUEUE_SIZE
 
     parser = _Parser(prog="vblk", description="The virtio-blk I/O stack in Python.")
     parser.add_argument("--version", action="version", version=f"vblk {__version__}")
@@ -121,16 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--num-queues",
         type=_positive_int,
-        default=1,
+        default=DEFAULT_NUM_QUEUES,
         metavar="N",
-        help="queues offered (default 1)",
+        help=f"most queues the frontend may use (default {DEFAULT_NUM_QUEUES}: "
+        "unused ones cost nothing)",
     )
     serve.add_argument(
         "--queue-size",
-        type=_queue_size,
-        default=256,
+        type=queue_size_arg,
+        default=MAX_QUEUE_SIZE,
         metavar="N",
-        help="largest queue the driver will use; sets seg_max (default 256)",
+        help=f"largest ring served (default {MAX_QUEUE_SIZE}, every size); below 128 it also "
+        "lowers seg_max so that rings of N work without indirect descriptors",
     )
     serve.add_argument("--read-only", action="store_true", help="refuse writes (guest sees ro=1)")
     serve.add_argument("--serial", default="", metavar="ID", help="GET_ID answer, 20 bytes at most")
@@ -262,13 +273,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     log.info(
-        "serving %s (%d sectors%s%s) with %d queue(s) on %d thread(s), %s",
+        "serving %s (%d sectors%s%s) with %d queue(s) on %d thread(s), rings of up to %d "
+        "entries, seg_max %d, %s",
         args.image,
         device.capacity,
         ", read-only" if device.read_only else "",
         ", O_DIRECT" if args.direct else "",
         args.num_queues,
         min(args.queue_threads, args.num_queues),
+        args.queue_size,
+        device.config.seg_max,
         f"--aio {engine}"
         + (f" ({args.io_threads} threads each)" if engine == "threads" else "")
         + (f", polling up to {args.poll_us} us" if args.poll_us else "")

@@ -450,8 +450,10 @@ class Device:
     ) -> None:
         if num_queues < 1:
             raise ValueError(f"num_queues must be at least 1, got {num_queues}")
-        if queue_size < 2 or queue_size > vdefs.MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
-            raise ValueError(f"queue_size must be a power of two in 2..32768, got {queue_size}")
+        if not vdefs.is_queue_size(queue_size):
+            raise ValueError(
+                f"queue_size must be a power of two in 1..{vdefs.MAX_QUEUE_SIZE}, got {queue_size}"
+            )
         self.path = path
         self.timeout = timeout
         self.queue_size = queue_size

@@ -55,7 +55,7 @@ class Backend:
         log_path: Path,
         *,
         kind: str = KIND,
-        num_queues: int = 2,
+        num_queues: int | None = 2,
         serial: str | None = None,
         read_only: bool = False,
         extra: tuple[str, ...] = (),
@@ -82,11 +82,13 @@ class Backend:
             time.sleep(0.05)
 
     def _command(
-        self, num_queues: int, serial: str | None, read_only: bool, extra: tuple[str, ...]
+        self, num_queues: int | None, serial: str | None, read_only: bool, extra: tuple[str, ...]
     ) -> list[str]:
         if self.kind == "vblk":
             cmd = [sys.executable, "-m", "vblk", "serve", str(self.image)]
-            cmd += ["--socket", str(self.socket), "--num-queues", str(num_queues)]
+            cmd += ["--socket", str(self.socket)]
+            if num_queues is not None:  # None: the backend's default
+                cmd += ["--num-queues", str(num_queues)]
             if serial is not None:
                 cmd += ["--serial", serial]
             if read_only:
@@ -99,6 +101,7 @@ class Backend:
         qsd = shutil.which("qemu-storage-daemon")
         if qsd is None:
             pytest.fail("qemu-storage-daemon is missing: bash scripts/install-deps.sh")
+        nq = "" if num_queues is None else f",num-queues={num_queues}"
         # discard=unmap: QEMU's default (ignore) drops discards, and the guest tests expect a
         # discarded range to read back as zeroes, which is what vblk serve does (punch hole).
         return [
@@ -108,7 +111,7 @@ class Backend:
             "--blockdev", "driver=raw,node-name=disk0,file=file0,discard=unmap",
             "--export",
             "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-            f"addr.path={self.socket},writable=on,num-queues={num_queues}",
+            f"addr.path={self.socket},writable=on{nq}",
         ]  # fmt: skip
 
     def alive(self) -> bool:

@@ -319,7 +319,7 @@ def test_any_message_after_any_handshake_prefix(
                 deliver(s, host, Message(req, FLAG_VERSION, payload), kinds, passed, inflight)
             if prefix_len == PREFIX_LEN:
                 assert host.running == {0, 1}, "the valid handshake must start both rings"
-                for v in s.vrings:
+                for v in s.vrings.values():
                     r = v.queue.recovery if v.queue is not None else None
                     _event(
                         "ring tracks inflight: "
@@ -340,7 +340,7 @@ def test_any_message_after_any_handshake_prefix(
             s.close()
         assert host.running == set()
         assert s.memory.regions == ()
-        for v in s.vrings:
+        for v in s.vrings.values():
             assert (v.kick_fd, v.call_fd, v.err_fd, v.queue) == (-1, -1, -1, None)
         if any(_still(fd, ident) for fd, ident in passed):
             # A mapping whose views were still exported at close goes with the garbage
@@ -411,7 +411,7 @@ def deliver(
     )
     if waited:
         assert answer is not None, f"{msg.request!r}: the frontend would wait forever"
-    kept = {fd for v in s.vrings for fd in (v.kick_fd, v.call_fd, v.err_fd) if fd >= 0}
+    kept = {fd for v in s.vrings.values() for fd in (v.kick_fd, v.call_fd, v.err_fd) if fd >= 0}
     for fd in fds:
         assert fd in kept or not _open(fd), f"fd {fd} of {msg.request!r} neither kept nor closed"
     regions = s.memory.regions
@@ -421,7 +421,7 @@ def deliver(
         for b in regions[i + 1 :]:
             assert a.gpa + a.size <= b.gpa or b.gpa + b.size <= a.gpa
             assert a.uaddr + a.size <= b.uaddr or b.uaddr + b.size <= a.uaddr
-    for v in s.vrings:
+    for v in s.vrings.values():
         assert v.running == (v.index in host.running)
         if v.running:
             assert v.enabled and v.kick_fd >= 0 and v.addr is not None and v.num > 0
@@ -435,7 +435,7 @@ def drive_guest(
     request: bool,
 ) -> None:
     """Play the driver on every running ring: publish chains, then drain as a worker would."""
-    for v in s.vrings:
+    for v in s.vrings.values():
         q = v.queue
         if q is None or v.addr is None:
             continue

@@ -20,6 +20,39 @@ CONFIG_SIZE = _LAYOUT.size
 #: Offset of the only field a driver may write.
 WRITEBACK_OFFSET = 32
 
+#: Descriptors of a request besides its data: the header and the status byte.
+CHAIN_OVERHEAD = 2
+#: The ring QEMU gives vhost-user-blk-pci unless told otherwise (queue-size=128).
+DEFAULT_FRONTEND_RING = 128
+#: Linux's VIRTIO_BLK_MAX_SG_ELEMS: no request of a Linux guest has more descriptors.
+LINUX_MAX_CHAIN = 32768
+
+
+def seg_max_for(max_ring: int) -> int:
+    """The seg_max to state when the frontend may pick any ring of up to ``max_ring`` entries.
+
+    The frontend reads seg_max (GET_CONFIG) before any ring size is set, so
+    it must suit every ring the device serves. A Linux guest (6.1) caps a
+    request at seg_max data segments, plus header and status:
+
+    - with INDIRECT_DESC the request takes one ring slot and an indirect table
+      of seg_max + 2 entries, so every ring size works (the device walks
+      tables of up to :data:`LINUX_MAX_CHAIN` entries);
+    - without it the request takes seg_max + 2 ring slots, and a request
+      longer than the ring can never be added: the guest waits forever.
+
+    So seg_max is the largest value that keeps a direct request inside
+    QEMU's default ring, or inside ``max_ring`` when that is smaller. Rings
+    below :func:`min_direct_ring` are then served only with INDIRECT_DESC.
+    """
+    ring = min(max_ring, DEFAULT_FRONTEND_RING)
+    return max(1, ring - CHAIN_OVERHEAD)
+
+
+def min_direct_ring(seg_max: int) -> int:
+    """The smallest ring that holds every request of a guest without INDIRECT_DESC."""
+    return min(seg_max, LINUX_MAX_CHAIN - CHAIN_OVERHEAD) + CHAIN_OVERHEAD
+
 
 @dataclass
 class BlkConfig:

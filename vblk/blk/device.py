@@ -14,7 +14,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
+from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig, seg_max_for
 from vblk.blk.defs import (
     HEADER_SIZE,
     ID_BYTES,
@@ -89,7 +89,7 @@ class BlockDevice:
         image: Image,
         *,
         num_queues: int = 1,
-        queue_size: int = 256,
+        queue_size: int = vdefs.MAX_QUEUE_SIZE,
         read_only: bool = False,
         serial: str = "",
     ) -> None:
@@ -105,8 +105,8 @@ class BlockDevice:
         self._wce_lock = threading.Lock()
         self.config = BlkConfig(
             capacity=self.capacity,
-            # Two descriptors of every chain carry the header and the status.
-            seg_max=max(1, queue_size - 2),
+            # queue_size is the largest ring served; seg_max must suit all of them.
+            seg_max=seg_max_for(queue_size),
             blk_size=SECTOR_SIZE,
             min_io_size=1,
             writeback=1,

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from vblk.blk.config import BlkConfig, min_direct_ring
 from vblk.errors import GuestMemoryError, QueueError, VblkError
 from vblk.memory import GuestMemory, create_memfd, map_fd, map_sealed
 from vblk.vhost_user.backend_channel import BackendChannel
@@ -62,8 +63,8 @@ PROTOCOL_FEATURES = (
 )
 #: Memory slots offered with CONFIGURE_MEM_SLOTS (libvhost-user offers 32 too).
 MAX_MEM_SLOTS = 32
-#: Largest queue accepted; the split ring allows 32768 but nobody needs it here.
-MAX_QUEUE_SIZE = 1024
+#: Largest ring served unless capped (vblk serve --queue-size): every size the split ring allows.
+MAX_QUEUE_SIZE = vdefs.MAX_QUEUE_SIZE
 
 MapRegion = Callable[[int, int, int], tuple[memoryview, Callable[[], None]]]
 CreateMemfd = Callable[[int, str], int]
@@ -74,6 +75,9 @@ class Device(Protocol):
 
     @property
     def features(self) -> int: ...
+
+    @property
+    def config(self) -> BlkConfig: ...
 
     def read_config(self, offset: int, size: int) -> bytes | None: ...
 
@@ -101,6 +105,11 @@ class Vring:
     err_fd: int = -1
     enabled: bool = False
     queue: DeviceQueue | None = None
+    #: What the frontend set that the session refused, by request name: while any is
+    #: left the ring never runs as configured (it fails every request, see _maybe_start).
+    refused: dict[str, str] = field(default_factory=dict)
+    #: The ring size the frontend last asked for, accepted or not.
+    wanted_num: int = 0
     _call_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -198,9 +207,11 @@ class BackendSession:
         self.create_inflight = create_inflight
         self.map_inflight = map_inflight
         self.memory = GuestMemory()
-        self.vrings = [Vring(i) for i in range(num_queues)]
+        # Created by the first message naming a queue: unused queues cost nothing.
+        self.vrings: dict[int, Vring] = {}
         self.acked_features = 0
         self.acked_protocol_features = 0
+        self._enable_all = False  # rings start enabled (no protocol features)
         self.owner = False
         self.inflight: _InflightArea | None = None
         self._offered_fd = -1  # the last GET_INFLIGHT_FD memfd, held until its reply is sent
@@ -286,7 +297,7 @@ class BackendSession:
 
     def close(self) -> None:
         """The connection is gone: stop every queue, release fds and memory."""
-        for vring in self.vrings:
+        for vring in self.vrings.values():
             self._stop(vring)
             vring.close_fds()
         self.memory.clear()
@@ -307,7 +318,8 @@ class BackendSession:
         self.acked_features = value
         if not value & (1 << vdefs.VHOST_USER_F_PROTOCOL_FEATURES):
             # Without protocol features there is no SET_VRING_ENABLE: rings start enabled.
-            for vring in self.vrings:
+            self._enable_all = True
+            for vring in self.vrings.values():
                 vring.enabled = True
 
     def _get_protocol_features(self, msg: Message) -> Payload:
@@ -323,11 +335,12 @@ class BackendSession:
         self.owner = True
 
     def _reset_owner(self, msg: Message) -> None:
-        for vring in self.vrings:
+        for vring in self.vrings.values():
             self._stop(vring)
             vring.close_fds()
-        self.vrings = [Vring(i) for i in range(self.num_queues)]
+        self.vrings = {}
         self.acked_features = 0
+        self._enable_all = False
         self.owner = False
 
     def _get_queue_num(self, msg: Message) -> Payload:
@@ -383,9 +396,15 @@ class BackendSession:
         if not self.acked_protocol_features & (1 << ProtocolFeature.INFLIGHT_SHMFD):
             raise _Reject("INFLIGHT_SHMFD was not negotiated")
         if not 0 < p.num_queues <= self.num_queues:
-            raise _Reject(f"{p.num_queues} queues, this device has {self.num_queues}")
+            raise _Reject(
+                f"{p.num_queues} queues, vblk serve offers {self.num_queues} (--num-queues; "
+                f"vhost-user-blk-pci num-queues={p.num_queues})"
+            )
         if not 0 < p.queue_size <= self.max_queue_size:
-            raise _Reject(f"queue size {p.queue_size}, at most {self.max_queue_size} supported")
+            raise _Reject(
+                f"queues of {p.queue_size}, vblk serve serves at most {self.max_queue_size} "
+                f"(--queue-size; vhost-user-blk-pci queue-size={p.queue_size})"
+            )
 
     def _get_inflight_fd(self, msg: Message) -> Message:
         """Create a zeroed region for the frontend to keep across our restarts."""
@@ -457,19 +476,74 @@ class BackendSession:
 
     def _vring(self, index: int) -> Vring:
         if not 0 <= index < self.num_queues:
-            raise _Reject(f"queue index {index} out of range (have {self.num_queues})")
-        return self.vrings[index]
+            raise _Reject(
+                f"queue {index} refused: vblk serve offers {self.num_queues} queues "
+                f"(--num-queues); vhost-user-blk-pci num-queues must not exceed it"
+            )
+        vring = self.vrings.get(index)
+        if vring is None:
+            vring = self.vrings[index] = Vring(index, enabled=self._enable_all)
+        return vring
+
+    def _refuse(self, vring: Vring, request: Request, reason: str) -> _Reject:
+        """Remember a refused setting, so the ring never runs without it; the error to raise."""
+        vring.refused[request.name] = reason
+        if vring.running:
+            self._stop(vring)
+            with contextlib.suppress(_Reject):
+                self._maybe_start(vring)  # as a failed ring
+        return _Reject(reason)
+
+    def _accept(self, vring: Vring, request: Request, apply: Callable[[], None]) -> None:
+        """Apply a valid setting; it replaces a refused one, and a ring failed for it restarts."""
+        if vring.running and request.name in vring.refused:
+            self._stop(vring)
+            apply()
+            del vring.refused[request.name]
+            self._maybe_start(vring)
+        else:
+            apply()
+            vring.refused.pop(request.name, None)
+
+    def _ring_size_refusal(self, index: int, n: int) -> str | None:
+        """Why a ring of ``n`` entries cannot be served, naming the settings involved; or None."""
+        if not vdefs.is_queue_size(n):
+            return (
+                f"queue {index}: ring size {n} refused: not a power of two in "
+                f"1..{vdefs.MAX_QUEUE_SIZE} (vhost-user-blk-pci queue-size={n})"
+            )
+        if n > self.max_queue_size:
+            return (
+                f"queue {index}: ring size {n} refused: vhost-user-blk-pci queue-size={n} "
+                f"exceeds vblk serve --queue-size {self.max_queue_size}; raise --queue-size "
+                f"(or drop it) or lower queue-size"
+            )
+        indirect = self.acked_features & (1 << vdefs.VIRTIO_F_RING_INDIRECT_DESC)
+        seg_max = self._seg_max()
+        if self.acked_features and not indirect and n < min_direct_ring(seg_max):
+            return (
+                f"queue {index}: ring size {n} refused: without indirect descriptors a request "
+                f"of seg_max {seg_max} segments needs {min_direct_ring(seg_max)} ring entries "
+                f"(vhost-user-blk-pci queue-size={n},indirect_desc=off); use indirect_desc=on, "
+                f"queue-size>={min_direct_ring(seg_max)}, or vblk serve --queue-size {n}"
+            )
+        return None
+
+    def _seg_max(self) -> int:
+        return self.device.config.seg_max
 
     def _set_vring_num(self, msg: Message) -> None:
         state = _state(msg)
         vring = self._vring(state.index)
         n = state.num
-        if not 0 < n <= self.max_queue_size or n & (n - 1):
-            raise _Reject(
-                f"queue size {n} refused: it must be a power of two up to "
-                f"{self.max_queue_size} (vblk serve --queue-size sets the limit)"
-            )
-        vring.num = n
+        vring.wanted_num = n
+        reason = self._ring_size_refusal(vring.index, n)
+        if reason is not None:
+            raise self._refuse(vring, Request.SET_VRING_NUM, reason)
+        if vring.running and n != vring.num:
+            self._stop(vring)  # a running ring never changes size under its queue
+        self._accept(vring, Request.SET_VRING_NUM, lambda: setattr(vring, "num", n))
+        self._maybe_start(vring)
 
     def _set_vring_addr(self, msg: Message) -> None:
         addr = msg.payload
@@ -484,8 +558,12 @@ class BackendSession:
         state = _state(msg)
         vring = self._vring(state.index)
         if state.num > 0xFFFF:
-            raise _Reject(f"ring base {state.num} does not fit 16 bits")
-        vring.base = state.num
+            raise self._refuse(
+                vring,
+                Request.SET_VRING_BASE,
+                f"queue {vring.index}: ring base {state.num} refused: it does not fit 16 bits",
+            )
+        self._accept(vring, Request.SET_VRING_BASE, lambda: setattr(vring, "base", state.num))
 
     def _get_vring_base(self, msg: Message) -> Payload:
         state = _state(msg)
@@ -544,13 +622,32 @@ class BackendSession:
             self._stop(vring)
 
     def _maybe_start(self, vring: Vring) -> None:
-        """Start a ring once it has size, addresses, memory, a kick fd and is enabled."""
+        """Start a ring once it has size, addresses, memory, a kick fd and is enabled.
+
+        A ring with a refused setting (:attr:`Vring.refused`) never runs with
+        the settings it had before: its error fd is signalled and, when the
+        ring size the frontend asked for can be laid out, the ring runs failed,
+        answering every request IOERR, so the guest sees an error, not a hang.
+        """
         if vring.running or vring.kick_fd < 0 or vring.addr is None or not vring.enabled:
             return
-        if vring.num == 0:
+        failed: str | None = None
+        if not vring.refused and vring.num:
+            failed = self._ring_size_refusal(vring.index, vring.num)  # features came later
+            if failed is not None:
+                vring.refused[Request.SET_VRING_NUM.name] = failed
+                log.warning("%s", failed)
+        if vring.refused:
+            failed = "; ".join(vring.refused.values())
+            vring.signal_err()
+            n = vring.wanted_num if Request.SET_VRING_NUM.name in vring.refused else vring.num
+            if not vdefs.is_queue_size(n):
+                raise _Reject(f"queue {vring.index}: not started, a setting was refused")
+        elif vring.num == 0:
             raise _Reject(f"queue {vring.index}: started before SET_VRING_NUM")
+        else:
+            n = vring.num
         a = vring.addr
-        n = vring.num
         try:
             desc = self.memory.translate_uaddr(a.desc, vdefs.desc_table_bytes(n))
             avail = self.memory.translate_uaddr(a.avail, vdefs.avail_ring_bytes(n))
@@ -565,17 +662,19 @@ class BackendSession:
                 used,
                 event_idx=bool(self.acked_features & (1 << vdefs.VIRTIO_F_RING_EVENT_IDX)),
                 last_avail_idx=vring.base,
-                inflight=self._queue_inflight(vring),
+                inflight=None if failed else self._queue_inflight(vring),
+                failed=failed,
             )
         except (GuestMemoryError, QueueError) as e:
             raise _Reject(f"queue {vring.index}: cannot start: {e}") from None
         q = vring.queue
         log.info(
-            "queue %d started: size %d, base %d, inflight %s",
+            "queue %d started: size %d, base %d, inflight %s%s",
             vring.index,
             n,
             vring.base,
             "off" if q.recovery is None else "fresh" if q.recovery.fresh else "recovered",
+            ", FAILED: every request gets IOERR" if failed else "",
         )
         rec = q.recovery
         if rec is not None and not rec.fresh:
@@ -602,7 +701,7 @@ class BackendSession:
     @contextlib.contextmanager
     def _paused(self) -> Iterator[None]:
         """Stop running rings while memory changes under them, then restart them."""
-        running = [v for v in self.vrings if v.running]
+        running = [v for v in self.vrings.values() if v.running]
         for v in running:
             self._stop(v)
         try:

@@ -24,6 +24,7 @@ __all__ = [
     "RingLayout",
     "avail_ring_bytes",
     "desc_table_bytes",
+    "is_queue_size",
     "need_event",
     "ring_layout",
     "used_ring_bytes",
@@ -48,6 +49,16 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 
 #: Largest split-ring size the spec allows; sizes are powers of two.
 MAX_QUEUE_SIZE = 32768
+
+
+def is_queue_size(size: int) -> bool:
+    """Whether ``size`` is a split-ring size: a power of two in 1..MAX_QUEUE_SIZE.
+
+    The 16-bit free-running ring indexes wrap cleanly only for powers of two,
+    and Linux refuses any other length.
+    """
+    return 0 < size <= MAX_QUEUE_SIZE and not size & (size - 1)
+
 
 #: Bytes of one descriptor (le64 addr, le32 len, le16 flags, le16 next).
 DESC_SIZE = 16

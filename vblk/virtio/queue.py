@@ -166,6 +166,7 @@ class DeviceQueue:
         last_avail_idx: int = 0,
         indirect: bool = True,
         inflight: QueueInflight | None = None,
+        failed: str | None = None,
     ) -> None:
         self._desc, self._avail, self._used = ring_views(size, desc, avail, used)
         if not 0 <= last_avail_idx <= 0xFFFF:
@@ -174,6 +175,8 @@ class DeviceQueue:
         self.size = size
         self.event_idx = event_idx
         self.indirect = indirect
+        #: Set: every chain popped comes back with this as its error (so it gets IOERR).
+        self.failed = failed
         self._used_bytes = self._used.cast("B")  # for the 8-byte used elements
         self._mask = size - 1
         self._used_event = 2 + size  # u16 index in avail
@@ -246,7 +249,16 @@ class DeviceQueue:
             self._if_u64[3 + (head << 1)] = c  # inflight.counter_item(head)
             self._if_counter = c + 1
             flags[16 + (head << 4)] = 1  # inflight.flag_offset(head)
+        if self.failed is not None:
+            return self._fail(head)
         return self._walk(head)
+
+    def _fail(self, head: int) -> Chain:
+        """A chain of a failed ring, walked as usual but with :attr:`failed` as its error."""
+        chain = self._walk(head)
+        if chain.error is None:
+            chain.error = self.failed
+        return chain
 
     def _walk(self, head: int) -> Chain:
         """Follow a chain from ``head``, validating as it goes."""
