@@ -188,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"for more completions to share it, adaptively (default {DEFAULT_HOLD_US}; 0 signals "
         "each completion at once)",
     )
+    serve.add_argument(
+        "--control",
+        metavar="PATH",
+        help="also listen for vblk ctl on this control socket (the export's id is 'disk'; "
+        "the disk is then served by a worker process the daemon restarts if it dies)",
+    )
+    from vblk.daemon import add_metrics_argument
+
+    add_metrics_argument(serve)
     _add_log_level(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -241,6 +250,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.create is not None and not os.path.exists(args.image):
         Image.create(args.image, args.create)
         log.info("created %s (%d bytes, sparse)", args.image, args.create)
+    if args.control or args.metrics:
+        return _serve_as_daemon(args)
     image = Image(args.image, read_only=args.read_only, direct=args.direct)
     device = BlockDevice(
         image,
@@ -292,6 +303,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     image.close()
     log.info("stopped")
     return 0
+
+
+def _serve_as_daemon(args: argparse.Namespace) -> int:
+    """``vblk serve --control/--metrics``: a daemon with the one export ``disk``."""
+    from vblk.daemon import run
+
+    params = {
+        "id": "disk",
+        "spec": args.image,
+        "socket": args.socket,
+        "num_queues": args.num_queues,
+        "queue_size": args.queue_size,
+        "read_only": args.read_only,
+        "serial": args.serial,
+        "direct": args.direct,
+        "aio": args.aio,
+        "opts": {},
+    }
+    defaults = {
+        "io_threads": args.io_threads,
+        "poll_us": args.poll_us,
+        "queue_threads": args.queue_threads,
+        "coalesce_us": args.coalesce_us,
+    }
+    return run(
+        args.control,
+        exports=[(params, None)],
+        metrics=args.metrics,
+        log_level=args.log_level,
+        defaults=defaults,
+        socket_mode=args.socket_mode,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

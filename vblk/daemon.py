@@ -88,24 +88,30 @@ class Daemon:
 
     def __init__(
         self,
-        control_path: str,
+        control_path: str | None,
         *,
         log_level: str = "info",
         defaults: dict[str, Any] | None = None,
+        socket_mode: int = 0o600,
     ) -> None:
         self.control_path = control_path
         self.log_level = log_level
         self.defaults = defaults or {}  # serve-level settings for every export
+        self.socket_mode = socket_mode  # of the exports' sockets
         self.exports: dict[str, _Handle] = {}
         self._lock = threading.Lock()  # export-add and export-remove, one at a time
         self._shutdown = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
-        try:
-            self.listener = Server.bind(control_path, 0o600)
-        except ServeError as e:
-            raise DaemonError(f"control {e}") from None
-        self._identity = socket_identity(control_path)
+        self.listener: socket.socket | None = None
+        self._identity = (0, 0)
+        if control_path is not None:
+            try:
+                self.listener = Server.bind(control_path, 0o600)
+            except ServeError as e:
+                raise DaemonError(f"control {e}") from None
+            self.listener.listen(MAX_CLIENTS)  # a burst of clients queues, never EAGAIN
+            self._identity = socket_identity(control_path)
         #: Methods by name: each takes checked params and returns a JSON-able result.
         self.methods: dict[str, Callable[[dict[str, Any]], Any]] = {
             "export-add": self.export_add,
@@ -125,10 +131,11 @@ class Daemon:
         os.eventfd_write(self._wake, 1)
 
     def serve_forever(self) -> None:
-        threads = [
-            threading.Thread(target=self._accept_loop, name="vblk-control", daemon=True),
-            threading.Thread(target=self._supervise, name="vblk-supervise", daemon=True),
-        ]
+        threads = [threading.Thread(target=self._supervise, name="vblk-supervise", daemon=True)]
+        if self.listener is not None:
+            threads.append(
+                threading.Thread(target=self._accept_loop, name="vblk-control", daemon=True)
+            )
         for t in threads:
             t.start()
         log.info("control socket %s", self.control_path)
@@ -145,14 +152,16 @@ class Daemon:
                 self.export_remove({"id": export_id})
             except rpc.RpcError as e:
                 log.error("%s", e.message)
-        self.listener.close()
-        remove_socket(self.control_path, self._identity)
+        if self.listener is not None and self.control_path is not None:
+            self.listener.close()
+            remove_socket(self.control_path, self._identity)
         for t in threads:
             t.join(2)
 
     # -- control connections ----------------------------------------------------
 
     def _accept_loop(self) -> None:
+        assert self.listener is not None
         poller = select.poll()
         poller.register(self.listener.fileno(), select.POLLIN)
         poller.register(self._wake, select.POLLIN)
@@ -278,7 +287,7 @@ class Daemon:
                         rpc.SOCKET_IN_USE, f"socket {path}: in use by export {other.cfg.id!r}"
                     )
             try:
-                listener = Server.bind(path)
+                listener = Server.bind(path, self.socket_mode)
             except ServeError as e:
                 raise rpc.RpcError(rpc.SOCKET_IN_USE, str(e)) from None
             handle = _Handle(cfg, listener, socket_identity(path))
@@ -557,12 +566,13 @@ def add_metrics_argument(p: Any) -> None:
 
 
 def run(
-    control: str,
+    control: str | None,
     *,
     exports: list[tuple[dict[str, Any], dict[str, Any] | None]],
     metrics: str | None,
     log_level: str,
     defaults: dict[str, Any] | None = None,
+    socket_mode: int = 0o600,
 ) -> int:
     """Start the daemon with ``exports``, serve until a signal or daemon-shutdown."""
     import signal
@@ -570,7 +580,7 @@ def run(
     from vblk.export import setup_logging
 
     setup_logging(log_level, None)
-    daemon = Daemon(control, log_level=log_level, defaults=defaults)
+    daemon = Daemon(control, log_level=log_level, defaults=defaults, socket_mode=socket_mode)
     metrics_server = None
     try:
         if metrics:
