@@ -13,7 +13,7 @@ demo: deps
 # Lint, type-check, then every test: unit, interop (qemu-storage-daemon) and e2e (QEMU guests).
 test:
 	PYTHON=$(PYTHON) bash scripts/install-deps.sh
-	$(PYTHON) -m ruff check vblk tests tools scripts bench
+	$(PYTHON) -m ruff check vblk tests tools scripts bench examples
 	$(PYTHON) -m mypy
 	$(PYTHON) -m mypy --strict tools/guest.py bench/compare.py
 	$(PYTHON) -m pytest -v --durations=10
@@ -22,12 +22,12 @@ deps:
 	PYTHON=$(PYTHON) bash scripts/install-deps.sh
 
 lint:
-	$(PYTHON) -m ruff check vblk tests tools scripts bench
+	$(PYTHON) -m ruff check vblk tests tools scripts bench examples
 	$(PYTHON) -m mypy
 	$(PYTHON) -m mypy --strict tools/guest.py bench/compare.py
 
 fmt:
-	$(PYTHON) -m ruff format vblk tests tools scripts bench
+	$(PYTHON) -m ruff format vblk tests tools scripts bench examples
 
 unit:
 	$(PYTHON) -m pytest -m "not e2e and not interop"

@@ -1,4 +1,4 @@
-"""The virtio-blk device model against a real image file: every request type and every refusal."""
+"""The virtio-blk device model over a raw file storage: every request type and every refusal."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from helpers import MemStorage
 
 from vblk.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkConfig
 from vblk.blk.defs import Feature, ReqType, Status
 from vblk.blk.device import MAX_DISCARD_SECTORS, BlockDevice, Stats
 from vblk.io.image import Image
+from vblk.storage.base import FLAG_UNMAP, Op
+from vblk.storage.file import FileStorage
 from vblk.virtio.queue import Chain
 
 SIZE = 8 << 20
@@ -27,8 +31,10 @@ def image_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def dev(image_path: Path) -> Iterator[BlockDevice]:
-    img = Image(str(image_path))
-    yield BlockDevice(img, num_queues=2, queue_size=128, serial="vblk-serial-1")
+    img = FileStorage(str(image_path), aio="sync")
+    d = BlockDevice(img, num_queues=2, queue_size=128, serial="vblk-serial-1")
+    yield d
+    d.close()
     img.close()
 
 
@@ -145,7 +151,7 @@ def test_discard_refusals(dev: BlockDevice) -> None:
 
 
 def test_read_only_refuses_every_write(image_path: Path) -> None:
-    img = Image(str(image_path), read_only=True)
+    img = FileStorage(str(image_path), read_only=True, aio="sync")
     dev = BlockDevice(img, read_only=True)
     try:
         assert dev.features & (1 << Feature.RO)
@@ -181,17 +187,19 @@ def test_config_writeback_toggle_only(dev: BlockDevice) -> None:
     assert not dev.write_config(WRITEBACK_OFFSET, b"\x05")
 
 
-def test_switch_to_writethrough_flushes_after_the_switch(dev: BlockDevice) -> None:
+def test_switch_to_writethrough_flushes_after_the_switch(
+    dev: BlockDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A write that finished just before the switch saw writeback on and skipped its
     flush; only a flush issued after writeback reads 0 is sure to cover it."""
     seen: list[int] = []
-    real_flush = dev.image.flush
+    real_flush = os.fdatasync
 
-    def flush() -> None:
+    def flush(fd: int) -> None:
         seen.append(dev.config.writeback)
-        real_flush()
+        real_flush(fd)
 
-    dev.image.flush = flush  # type: ignore[method-assign]
+    monkeypatch.setattr(os, "fdatasync", flush)
     assert dev.write_config(WRITEBACK_OFFSET, b"\0")
     assert seen == [0]
     assert dev.write_config(WRITEBACK_OFFSET, b"\1")  # back to writeback: nothing to flush
@@ -209,17 +217,17 @@ def test_switch_to_writethrough_flushes_after_the_switch(dev: BlockDevice) -> No
     ],
 )
 def test_writethrough_makes_writes_durable_before_completion(
-    dev: BlockDevice, rtype: ReqType, writeback: int, flushes: int
+    dev: BlockDevice, rtype: ReqType, writeback: int, flushes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    real_flush = dev.image.flush
+    real_flush = os.fdatasync
     dev.config.writeback = writeback
 
-    def flush() -> None:
+    def flush(fd: int) -> None:
         calls.append(1)
-        real_flush()
+        real_flush(fd)
 
-    dev.image.flush = flush  # type: ignore[method-assign]
+    monkeypatch.setattr(os, "fdatasync", flush)
     out = b"w" * 512 if rtype == ReqType.OUT else struct.pack("<QII", 8, 8, 0)
     assert request(dev, rtype, 0, out)[0] == Status.OK
     assert len(calls) == flushes
@@ -230,7 +238,7 @@ def test_chain_without_status_byte_returns_none(dev: BlockDevice) -> None:
 
 
 def test_serial_too_long_is_refused(image_path: Path) -> None:
-    img = Image(str(image_path))
+    img = FileStorage(str(image_path), aio="sync")
     try:
         with pytest.raises(ValueError):
             BlockDevice(img, serial="x" * 21)
@@ -251,8 +259,11 @@ def test_stats_count_what_each_queue_asked(dev: BlockDevice) -> None:
     assert (st.discards, st.write_zeroes, st.ioerr, st.unsupp) == (1, 1, 1, 1)
 
 
-def test_start_finish_split_and_short_or_failed_transfers(dev: BlockDevice) -> None:
-    from vblk.blk.device import DataRequest
+def test_start_finish_split_and_short_or_failed_transfers(
+    dev: BlockDevice, image_path: Path
+) -> None:
+    from vblk.blk.device import DataRequest, Pending
+    from vblk.storage.base import Op
 
     payload = os.urandom(8192)
     request(dev, ReqType.OUT, 0, payload)
@@ -262,17 +273,28 @@ def test_start_finish_split_and_short_or_failed_transfers(dev: BlockDevice) -> N
     started = dev.start(chain, st)
     assert isinstance(started, DataRequest) and not started.write and started.nbytes == 8192
     assert status[0] == 0xEE  # nothing completed yet
-    # The engine moved only 1000 bytes: finish completes the rest itself.
-    dev.image.readv([data[:1000]], 0)
-    assert dev.finish(started, 1000, st) == 8193
+    # The storage moved only 1000 bytes: finish submits the rest to the queue.
+    q = dev.storage.open_queue(0, 8)
+    os.preadv(os.open(image_path, os.O_RDONLY), [data[:1000]], 0)
+    assert dev.finish(started, 1000, st, q) == -1
+    assert status[0] == 0xEE
+    [(token, res)] = q.reap()
+    assert token is not started and res == 8192 - 1000
+    assert dev.finish(token, res, st, q) == 8193  # type: ignore[arg-type]
     assert status[0] == Status.OK and bytes(data) == payload
-    # A failed transfer (-EIO) is IOERR with used length 1.
-    started = dev.start(chain, st)
-    assert isinstance(started, DataRequest)
-    assert dev.finish(started, -5, st) == 1 and status[0] == Status.IOERR
-    # Non-data requests complete inside start.
+    # A failed transfer (-EIO) is IOERR with used length 1; nothing moved (0) is IOERR too.
+    for bad in (-5, 0):
+        started = dev.start(chain, st)
+        assert isinstance(started, DataRequest)
+        assert dev.finish(started, bad, st, q) == 1 and status[0] == Status.IOERR
+    # A flush goes to the storage too, as a Pending of one step.
     flush = Chain(6, [mv(struct.pack("<IIQ", ReqType.FLUSH, 0, 0))], [mv(b"\xee")])
-    assert dev.start(flush, st) == 1
+    pending = dev.start(flush, st)
+    assert isinstance(pending, Pending) and pending.steps == [(Op.FLUSH, 0, 0, [], 0)]
+    dev.begin(pending, q)
+    [(token, res)] = q.reap()
+    assert token is pending and dev.finish(pending, res, st, q) == 1
+    q.close()
 
 
 def _hdr(rtype: int, sector: int) -> bytes:
@@ -304,7 +326,7 @@ def test_short_path_matches_the_full_parse(image_path: Path, shape: str, read_on
     from vblk.blk.device import DataRequest
     from vblk.blk.request import RequestError, parse_request
 
-    img = Image(str(image_path), read_only=read_only)
+    img = FileStorage(str(image_path), read_only=read_only, aio="sync")
     dev = BlockDevice(img, read_only=read_only)
     end = SIZE // 512
     r, w = ReqType.IN, ReqType.OUT
@@ -353,3 +375,97 @@ def test_short_path_matches_the_full_parse(image_path: Path, shape: str, read_on
         assert not isinstance(got, DataRequest), f"{shape}: refused by the full path only"
         assert c.writable[-1][-1] == Status.IOERR
     img.close()
+
+
+# -- what the device derives from the storage's capabilities ------------------------------
+
+
+def _mem_device(**kw: Any) -> tuple[BlockDevice, MemStorage]:
+    short = kw.pop("short", 0)
+    mem = MemStorage(1 << 20, short=short, **kw)
+    return BlockDevice(mem), mem
+
+
+def test_features_follow_the_capabilities() -> None:
+    def has(dev: BlockDevice, f: Feature) -> bool:
+        return bool(dev.features & (1 << f))
+
+    dev, _ = _mem_device(discard=True, write_zeroes=True, zeroes_unmap=True)
+    assert has(dev, Feature.FLUSH) and has(dev, Feature.CONFIG_WCE) and has(dev, Feature.DISCARD)
+    assert has(dev, Feature.WRITE_ZEROES) and not has(dev, Feature.RO)
+    assert dev.config.write_zeroes_may_unmap == 1
+    dev, _ = _mem_device(flush=False)
+    assert not has(dev, Feature.FLUSH) and not has(dev, Feature.CONFIG_WCE)
+    assert not has(dev, Feature.DISCARD) and dev.config.max_discard_sectors == 0
+    assert has(dev, Feature.WRITE_ZEROES) and dev.config.write_zeroes_may_unmap == 0
+    dev, _ = _mem_device(writable=False)
+    assert has(dev, Feature.RO) and not has(dev, Feature.WRITE_ZEROES) and dev.read_only
+    dev, _ = _mem_device(
+        block_size=4096, opt_io_size=65536, discard=True, discard_granularity=1 << 20
+    )
+    cfg = dev.config
+    assert (cfg.blk_size, cfg.opt_io_size, cfg.discard_sector_alignment) == (4096, 16, 2048)
+    with pytest.raises(ValueError, match="power of two"):
+        _mem_device(block_size=1000)
+
+
+def test_block_size_alignment_is_enforced() -> None:
+    dev, mem = _mem_device(block_size=4096)
+    assert request(dev, ReqType.IN, 8, in_len=4096)[0] == Status.OK
+    assert request(dev, ReqType.IN, 1, in_len=4096)[0] == Status.IOERR  # 512-aligned only
+    assert request(dev, ReqType.IN, 8, in_len=512)[0] == Status.IOERR
+    assert request(dev, ReqType.OUT, 8, b"x" * 1024)[0] == Status.IOERR
+    assert [op[:3] for op in mem.ops] == [(Op.READ, 4096, 4096)]
+
+
+def test_write_zeroes_without_storage_support_writes_zero_buffers() -> None:
+    mem = MemStorage(4 << 20, write_zeroes=False)
+    mem.data[:] = b"\xff" * len(mem.data)
+    dev = BlockDevice(mem)
+    n = 3 << 20  # three chunks of the shared zero buffer, and a bit
+    assert request(dev, ReqType.WRITE_ZEROES, 0, seg(8, (n + 4096) >> 9))[0] == Status.OK
+    assert mem.ops == [(Op.WRITE, 4096, n + 4096, 0)]
+    assert mem.data[4096 : 8192 + n] == bytes(n + 4096)
+    assert mem.data[:4096] == b"\xff" * 4096 and mem.data[8192 + n] == 0xFF
+
+
+def test_write_zeroes_unmap_flag_reaches_the_storage_only_where_offered() -> None:
+    dev, mem = _mem_device(write_zeroes=True, zeroes_unmap=True)
+    assert request(dev, ReqType.WRITE_ZEROES, 0, seg(0, 8, 1))[0] == Status.OK
+    assert mem.ops[-1] == (Op.WRITE_ZEROES, 0, 4096, FLAG_UNMAP)
+    dev, mem = _mem_device(write_zeroes=True, zeroes_unmap=False)
+    assert request(dev, ReqType.WRITE_ZEROES, 0, seg(0, 8, 1))[0] == Status.OK
+    assert mem.ops[-1] == (Op.WRITE_ZEROES, 0, 4096, 0)
+
+
+def test_discard_not_offered_is_unsupp_and_flush_not_needed_is_ok() -> None:
+    dev, mem = _mem_device(discard=False, flush=False)
+    assert request(dev, ReqType.DISCARD, 0, seg(0, 8))[0] == Status.UNSUPP
+    assert request(dev, ReqType.FLUSH, 0)[0] == Status.OK
+    assert mem.ops == []  # no flush to do: writes are durable at once
+
+
+def test_short_transfers_are_resubmitted_until_done() -> None:
+    dev, mem = _mem_device(short=1000)
+    payload = os.urandom(8192)
+    assert request(dev, ReqType.OUT, 0, payload)[0] == Status.OK
+    assert mem.data[:8192] == payload
+    assert [o[1] for o in mem.ops] == list(range(0, 8192, 1000))
+    st, got, used = request(dev, ReqType.IN, 0, in_len=8192)
+    assert (st, got, used) == (Status.OK, payload, 8193)
+
+
+def test_storage_failures_are_ioerr_for_that_request_alone() -> None:
+    dev, mem = _mem_device(discard=True)
+    mem.fail = {Op.FLUSH, Op.DISCARD}
+    assert request(dev, ReqType.FLUSH, 0)[0] == Status.IOERR
+    assert request(dev, ReqType.DISCARD, 0, seg(0, 8))[0] == Status.IOERR
+    assert request(dev, ReqType.OUT, 0, b"k" * 512)[0] == Status.OK
+    dev.config.writeback = 0  # writethrough: the write's own flush fails, so does the write
+    assert request(dev, ReqType.OUT, 0, b"k" * 512)[0] == Status.IOERR
+
+
+def test_discard_segments_run_one_after_another() -> None:
+    dev, mem = _mem_device(discard=True)
+    assert request(dev, ReqType.DISCARD, 0, seg(0, 8) + seg(64, 0) + seg(128, 16))[0] == Status.OK
+    assert mem.ops == [(Op.DISCARD, 0, 4096, 0), (Op.DISCARD, 128 * 512, 8192, 0)]

@@ -174,3 +174,25 @@ def test_python_dash_m_and_help() -> None:
     p = vblk("serve", "--help")
     assert p.returncode == 0 and "--num-queues" in p.stdout and "--read-only" in p.stdout
     assert os.path.basename(sys.executable)
+
+
+@pytest.mark.parametrize(
+    ("spec", "extra", "needle"),
+    [
+        ("python:{tmp}/nope.py:Disk", [], "no such file"),
+        ("python:{tmp}/broken.py:Disk", [], "import failed: SyntaxError"),
+        ("python:{tmp}/broken.py", [], "expected python:FILE.py:CLASS"),
+        ("{tmp}/disk.img", ["--opt", "novalue"], "is not KEY=VALUE"),
+        ("{tmp}/disk.img", ["--opt", "a=1", "--opt", "a=2"], "--opt a given twice"),
+        ("{tmp}/disk.img", ["--opt", "a=1"], "raw images take no --opt"),
+        ("nbd://localhost/x", ["--direct"], "--direct applies to image files"),
+        ("{tmp}/corrupt.qcow2", ["--format", "Q W"], "not a format name"),
+    ],
+)
+def test_specs_that_cannot_be_opened_are_one_line(
+    img: Path, tmp_path: Path, spec: str, extra: list[str], needle: str
+) -> None:
+    (tmp_path / "broken.py").write_text("def oops(:\n")
+    (tmp_path / "corrupt.qcow2").write_bytes(b"QFI\xfb" + bytes(508))
+    p = vblk("serve", spec.format(tmp=tmp_path), "--socket", str(tmp_path / "s"), *extra)
+    one_error_line(p, needle)

@@ -21,7 +21,7 @@ from vblk import client
 from vblk.blk.defs import Feature, Status
 from vblk.blk.device import BlockDevice
 from vblk.errors import ProtocolError, VblkError
-from vblk.io.image import Image
+from vblk.storage.file import FileStorage
 from vblk.vhost_user import frontend
 from vblk.vhost_user.backend import BackendSession, Vring
 from vblk.vhost_user.codec import U64, Malformed, Message, MessageReader, encode, reply
@@ -207,7 +207,7 @@ def _device(tmp_path: Path, **kw: object) -> BlockDevice:
     img = tmp_path / "disk.img"
     with open(img, "wb") as f:
         f.truncate(1 << 20)
-    return BlockDevice(Image(str(img)), **kw)  # type: ignore[arg-type]
+    return BlockDevice(FileStorage(str(img), aio="sync"), **kw)  # type: ignore[arg-type]
 
 
 class _Idle:

@@ -17,8 +17,8 @@ import pytest
 from vblk.blk.defs import ID_BYTES, ReqType, Status
 from vblk.blk.device import BlockDevice, Stats
 from vblk.client import GPA_BASE, SLOT_BYTES, RequestRing, pack_segment
-from vblk.io.image import Image
 from vblk.memory import GuestMemory
+from vblk.storage.file import FileStorage
 from vblk.virtio import defs as vdefs
 from vblk.virtio.queue import DeviceQueue
 
@@ -36,7 +36,9 @@ class Pair:
         if not img.exists():
             with open(img, "wb") as f:
                 f.truncate(IMAGE_SIZE)
-        self.image = Image(str(img), read_only=read_only)
+        self.path = str(img)
+        self.read_only = read_only
+        self.image = FileStorage(self.path, read_only=read_only, aio="sync")
         self.device = BlockDevice(self.image, read_only=read_only, serial="pair-serial")
         layout = vdefs.ring_layout(size)
         ring_bytes = -(-layout.total // 4096) * 4096
@@ -62,6 +64,14 @@ class Pair:
             self.guest.translate_uaddr(UADDR + layout.used, vdefs.used_ring_bytes(size)),
             event_idx=event_idx,
         )
+
+    def use_engine(self, engine: str) -> None:
+        """Serve the image through ``engine`` (``--aio``) from now on."""
+        if self.image.aio != engine:
+            self.device.close()
+            self.image.close()
+            self.image = FileStorage(self.path, read_only=self.read_only, aio=engine, io_threads=2)
+            self.device = BlockDevice(self.image, read_only=self.read_only, serial="pair-serial")
 
     def gpa(self, off: int) -> int:
         return GPA_BASE + self.data_off + off

@@ -26,7 +26,7 @@ socket = "/tmp/d1.sock"
 def test_parses_exports_and_qos() -> None:
     (p0, q0), (p1, q1) = parse_config(GOOD)
     assert p0["id"] == "d0" and p0["num_queues"] == 2 and q0 == {"id": "d0", "iops": 1500}
-    assert p1["queue_size"] == 256 and q1 is None
+    assert p1["queue_size"] == 32768 and q1 is None
     assert parse_config("") == []
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from vblk.control.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, RpcError
-from vblk.control.methods import METHODS, validate
+from vblk.control.methods import DEFAULT_NUM_QUEUES, METHODS, validate
 
 ADD = {"id": "d0", "spec": "/tmp/a.img", "socket": "/tmp/a.sock"}
 
@@ -16,13 +16,14 @@ def test_export_add_fills_defaults() -> None:
     p = validate("export-add", dict(ADD))
     assert p == {
         **ADD,
-        "num_queues": 1,
-        "queue_size": 256,
+        "num_queues": DEFAULT_NUM_QUEUES,
+        "queue_size": 32768,
         "read_only": False,
         "serial": "",
         "direct": False,
         "aio": None,
         "opts": {},
+        "format": None,
     }
 
 
@@ -76,7 +77,7 @@ def test_every_parameter_refuses_wrong_types(method: str, name: str) -> None:
         except RpcError as e:
             assert e.code == INVALID_PARAMS and name in e.message
             refused += 1
-    # aio accepts null and the string engines only; every other parameter takes one type.
+    # aio and format accept null and strings only; every other parameter takes one type.
     assert refused >= len(WRONG) - 2
 
 
@@ -92,10 +93,11 @@ def test_every_parameter_refuses_wrong_types(method: str, name: str) -> None:
         ("export-add", ADD | {"spec": ""}, "must not be empty"),
         ("export-add", ADD | {"socket": "/" + "s" * 200}, "longer than"),
         ("export-add", ADD | {"socket": "a\0b"}, "NUL"),
-        ("export-add", ADD | {"num_queues": 0}, "between 1 and 64"),
-        ("export-add", ADD | {"num_queues": 65}, "between 1 and 64"),
+        ("export-add", ADD | {"num_queues": 0}, "between 1 and 1024"),
+        ("export-add", ADD | {"num_queues": 1025}, "between 1 and 1024"),
         ("export-add", ADD | {"queue_size": 100}, "power of two"),
-        ("export-add", ADD | {"queue_size": 2048}, "between"),
+        ("export-add", ADD | {"queue_size": 65536}, "between"),
+        ("export-add", ADD | {"format": "Q C"}, "not a format name"),
         ("export-add", ADD | {"serial": "x" * 21}, "longer than 20"),
         ("export-add", ADD | {"aio": "posix"}, "one of"),
         ("export-add", ADD | {"opts": {"a": [1]}}, "opts.a"),

@@ -1,6 +1,6 @@
 """``vblk daemon`` as a real process: control methods, hostile clients, metrics, crash isolation.
 
-I/O goes through vblk.client (no guest); the guests are in tests/e2e/test_daemon.py.
+I/O goes through vblk.client (no guest); the guests are in tests/e2e/test_daemon_guests.py.
 """
 
 from __future__ import annotations
@@ -158,6 +158,59 @@ def test_export_life_cycle_and_errors(daemon: Daemon) -> None:
     assert daemon.call("export-list") == []
     daemon.add("a")
     _io(daemon.tmp / "a.sock", 4)
+
+
+GROWABLE = """
+class Disk:
+    def __init__(self, size="4194304"):
+        self.data = bytearray(int(size))
+
+    def size(self):
+        return len(self.data)
+
+    def pread(self, offset, buf):
+        buf[:] = self.data[offset : offset + len(buf)]
+
+    def pwrite(self, offset, buf):
+        self.data[offset : offset + len(buf)] = buf
+
+    def resize(self, size):
+        if size < len(self.data):
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - len(self.data)))
+"""
+
+
+def test_specs_opts_and_resize_go_through_the_storage(daemon: Daemon) -> None:
+    ramdisk = "python:" + str(Path(__file__).parent.parent / "examples" / "ramdisk.py") + ":RamDisk"
+    sock = str(daemon.tmp / "r.sock")
+    r = daemon.call("export-add", id="r", spec=ramdisk, socket=sock, opts={"size": "8M"})
+    assert r["size"] == 8 * MiB
+    _io(daemon.tmp / "r.sock", 8)
+    code, msg = daemon.error("export-resize", id="r", size=16 * MiB)
+    assert code == rpc.RESIZE_REFUSED and "no resize()" in msg
+    code, msg = daemon.error(
+        "export-add", id="x", spec=ramdisk, socket=str(daemon.tmp / "x"), opts={"bogus": 1}
+    )
+    assert code == rpc.STORAGE_ERROR and "bogus" in msg and "\n" not in msg
+    code, msg = daemon.error(
+        "export-add", id="x", spec=str(daemon.tmp / "r.sock"), socket=str(daemon.tmp / "x"),
+        direct=True, aio="sync",
+    )  # fmt: skip
+    assert code == rpc.STORAGE_ERROR and "\n" not in msg
+    # A plugin with resize() grows (opts numbers arrive as --opt text would), the client sees it.
+    (daemon.tmp / "grow.py").write_text(GROWABLE)
+    spec = f"python:{daemon.tmp / 'grow.py'}:Disk"
+    g = daemon.call(
+        "export-add", id="g", spec=spec, socket=str(daemon.tmp / "g.sock"), opts={"size": 4 * MiB}
+    )
+    assert g["size"] == 4 * MiB
+    assert daemon.call("export-resize", id="g", size=12 * MiB)["size"] == 12 * MiB
+    with client.connect(str(daemon.tmp / "g.sock")) as dev:
+        assert dev.capacity == 12 * MiB
+        dev.write(12 * MiB - 4096, b"z" * 4096)
+        assert dev.read(12 * MiB - 4096, 4096) == b"z" * 4096
 
 
 def test_hostile_control_clients(daemon: Daemon) -> None:

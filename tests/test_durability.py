@@ -260,7 +260,7 @@ def test_flush_covers_every_write_completed_before_it(
     assert proc.wait(20) == 0
 
 
-# -- strace: FLUSH is an fdatasync of the image, with every engine -------------------------
+# -- strace: FLUSH is an fdatasync of the image (io_uring: an FSYNC in the ring) ------------
 
 
 def _child_of(pid: int) -> int:
@@ -306,4 +306,9 @@ def test_flush_is_one_fdatasync_of_the_image(
     assert opened, text[-2000:]
     syncs = re.findall(r"fdatasync\((\d+)", text)  # calls, even if strace split a line
     assert not re.search(r"fdatasync(\(\d+\)| resumed>\)).*= -1", text), "an fdatasync failed"
-    assert syncs == [opened.group(1)] * (3 + 1 + writes + 1), text[-2000:]
+    if engine == "io_uring":
+        # IORING_OP_FSYNC: the flushes never block the queue thread in a syscall of its own;
+        # that they are durable is what the unsynced-pages tests above check.
+        assert syncs == [], text[-2000:]
+    else:
+        assert syncs == [opened.group(1)] * (3 + 1 + writes + 1), text[-2000:]

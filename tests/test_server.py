@@ -479,11 +479,12 @@ def test_frontend_that_stops_reading_replies_is_dropped(
     from vblk import server as server_mod
     from vblk.blk.device import BlockDevice
     from vblk.io.image import Image
+    from vblk.storage.file import FileStorage
 
     monkeypatch.setattr(server_mod, "MESSAGE_TIMEOUT", 0.5)
     img_path = tmp_path / "f.img"
     Image.create(str(img_path), 1 << 20)
-    image = Image(str(img_path))
+    image = FileStorage(str(img_path), aio="sync")
     srv = server_mod.Server(BlockDevice(image), str(tmp_path / "f.sock"), num_queues=1)
     thread = threading.Thread(target=srv.serve_forever)
     thread.start()

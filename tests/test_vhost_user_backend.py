@@ -12,6 +12,7 @@ import pytest
 from vblk.blk.defs import ReqType, Status
 from vblk.blk.device import BlockDevice, Stats
 from vblk.io.image import Image
+from vblk.storage.file import FileStorage
 from vblk.vhost_user.backend import PROTOCOL_FEATURES, BackendSession, Vring
 from vblk.vhost_user.codec import (
     U64,
@@ -61,7 +62,7 @@ def guest_ram() -> bytearray:
 def device(tmp_path: Path) -> Iterator[BlockDevice]:
     p = tmp_path / "d.img"
     Image.create(str(p), 4 << 20)
-    img = Image(str(p))
+    img = FileStorage(str(p), aio="sync")
     yield BlockDevice(img, num_queues=2, serial="sess")
     img.close()
 
@@ -717,7 +718,7 @@ def test_a_small_ring_without_indirect_descriptors_is_refused(
     r = send(s, Request.SET_VRING_NUM, VringState(0, 128), need_reply=True)
     assert r is not None and r.payload == U64(0)
     # With --queue-size 64, seg_max is 62 and a ring of 64 holds every request.
-    capped = BlockDevice(device.image, num_queues=2, queue_size=64)
+    capped = BlockDevice(device.storage, num_queues=2, queue_size=64)
     s2 = BackendSession(capped, RecordingHost(), num_queues=2, max_queue_size=64)
     send(s2, Request.SET_FEATURES, U64(1 << vdefs.VIRTIO_F_VERSION_1))
     send(s2, Request.SET_PROTOCOL_FEATURES, U64(PROTOCOL_FEATURES))

@@ -37,7 +37,8 @@ class Queue:
         self.done: list[tuple[Any, int]] = []
 
     def worker(self, engine: str = "sync") -> QueueWorker:
-        return QueueWorker(self.vring, self.pair.device, engine, io_threads=2)
+        self.pair.use_engine(engine)
+        return QueueWorker(self.vring, self.pair.device)
 
     def submit_writes(self, n: int, pattern: int) -> None:
         for i in range(n):
@@ -92,7 +93,7 @@ def test_one_thread_serves_every_queue(queues: Any, engine: str) -> None:
         assert sorted(q.done) == [(i, Status.OK) for i in range(16)]
     for k, q in enumerate(qs):
         assert q.pair.one(ReqType.FLUSH, 0) == Status.OK
-        raw = q.pair.image.fd
+        raw = q.pair.image.image.fd
         assert os.pread(raw, 4096, 5 * 4096) == bytes([k * 16 + 5]) * 4096
     for w in workers:
         thread.remove(w)
@@ -154,15 +155,19 @@ def test_a_broken_queue_does_not_stop_its_neighbours(
 class HeldEngine:
     """An engine whose completions wait until the test releases them."""
 
-    def __init__(self) -> None:
+    def __init__(self, image_fd: int) -> None:
+        self.image_fd = image_fd
         self.fd: int | None = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.held: list[tuple[object, int]] = []
         self.released: list[tuple[object, int]] = []
         self.lock = threading.Lock()
         self.closed = False
 
-    def submit(self, fd: int, write: bool, bufs: Any, offset: int, token: object) -> None:
-        n = os.pwritev(fd, bufs, offset) if write else os.preadv(fd, bufs, offset)
+    def submit(
+        self, op: int, offset: int, length: int, bufs: Any, flags: int, token: object
+    ) -> None:
+        fd = self.image_fd
+        n = os.pwritev(fd, bufs, offset) if op else os.preadv(fd, bufs, offset)
         with self.lock:
             self.held.append((token, n))
 
@@ -207,7 +212,8 @@ def test_remove_finishes_in_flight_requests_first(queues: Any) -> None:
     thread = IOThread("test-iothread")
     thread.start()
     w = a.worker()
-    engine = HeldEngine()
+    engine = HeldEngine(a.pair.image.image.fd)
+    w.engine.close()
     w.engine = engine
     thread.add(w)
     a.submit_writes(4, pattern=9)
@@ -239,7 +245,7 @@ def test_adding_to_a_thread_that_is_not_running_breaks_the_queue(queues: Any) ->
 
 def _coalescing_worker(q: Queue, thread: IOThread, hold_us: int) -> QueueWorker:
     """A worker on ``thread`` whose coalescer has learned to wait for two completions."""
-    w = QueueWorker(q.vring, q.pair.device, "sync", io_threads=2, coalesce_us=hold_us)
+    w = QueueWorker(q.vring, q.pair.device, coalesce_us=hold_us)
     thread.add(w)
     q.submit_writes(2, pattern=4)  # one kick, two chains: they complete together
     q.wait(2)

@@ -104,6 +104,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _opt(text: str) -> tuple[str, str]:
+    from vblk.storage.spec import parse_opt
+
+    try:
+        return parse_opt(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vblk.io.engines import ENGINES
     from vblk.virtio.coalesce import DEFAULT_HOLD_US
@@ -115,10 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="serve an image as a vhost-user-blk device",
-        description="Serve IMAGE to a VM (QEMU vhost-user-blk-pci) over a unix socket.",
+        help="serve a storage spec as a vhost-user-blk device",
+        description="Serve SPEC to a VM (QEMU vhost-user-blk-pci) over a unix socket. SPEC is "
+        "a raw file or block device, an image in a format qemu-img knows (qcow2, vmdk, vhdx, "
+        "...; detected from its header), nbd://HOST[:PORT]/EXPORT, "
+        "nbd+unix:///EXPORT?socket=PATH, rbd:POOL/IMAGE, or python:FILE.py:CLASS.",
     )
-    serve.add_argument("image", metavar="IMAGE", help="raw image file or block device")
+    serve.add_argument(
+        "spec",
+        metavar="SPEC",
+        help="what to serve: PATH, nbd://..., nbd+unix://..., rbd:..., python:FILE.py:CLASS",
+    )
+    serve.add_argument(
+        "--opt",
+        type=_opt,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the storage backend (repeatable; e.g. a plugin's keyword arguments)",
+    )
+    serve.add_argument(
+        "--format",
+        metavar="FMT",
+        help="image format of PATH instead of detecting it from its header (raw forces raw)",
+    )
     serve.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
     serve.add_argument(
         "--socket-mode",
@@ -146,15 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--read-only", action="store_true", help="refuse writes (guest sees ro=1)")
     serve.add_argument("--serial", default="", metavar="ID", help="GET_ID answer, 20 bytes at most")
     serve.add_argument(
-        "--create", type=_size, metavar="SIZE", help="create a sparse IMAGE of SIZE if missing"
+        "--create", type=_size, metavar="SIZE", help="create a sparse raw PATH of SIZE if missing"
     )
-    serve.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
+    serve.add_argument("--direct", action="store_true", help="open a raw PATH with O_DIRECT")
     serve.add_argument(
         "--aio",
         choices=ENGINES,
-        help="I/O engine: io_uring (batched submission; the default where the kernel allows "
-        "it), threads (a preadv/pwritev pool; the default elsewhere), sync (on the queue "
-        "thread, no overlap)",
+        help="I/O engine of a raw PATH: io_uring (batched submission; the default where the "
+        "kernel allows it), threads (a preadv/pwritev pool; the default elsewhere), sync (on "
+        "the queue thread, no overlap)",
     )
     serve.add_argument(
         "--io-threads",
@@ -233,13 +262,11 @@ def _setup_logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from vblk.blk.device import BlockDevice
-    from vblk.io import uring
-    from vblk.io.engines import default_engine
-    from vblk.io.image import Image
     from vblk.server import Server
+    from vblk.storage.spec import open_storage
 
     _setup_logging(args.log_level)
-    # Every thread (IOThreads, the thread engine's pool, the main loop) shares
+    # Every thread (IOThreads, the storage queues' pools, the main loop) shares
     # one GIL. A thread back from poll() waits for the running one to hand it
     # over, by default after up to 5 ms; 0.2 ms keeps that wait short.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
@@ -247,35 +274,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--num-queues {args.num_queues} exceeds {MAX_NUM_QUEUES}")
     if len(args.serial.encode()) > 20:
         raise UsageError(f"--serial {args.serial!r} is longer than 20 bytes")
-    if args.create is not None and not os.path.exists(args.image):
-        Image.create(args.image, args.create)
-        log.info("created %s (%d bytes, sparse)", args.image, args.create)
+    opts: dict[str, str] = {}
+    for key, value in args.opt:
+        if key in opts:
+            raise UsageError(f"--opt {key} given twice")
+        opts[key] = value
     if args.control or args.metrics:
-        return _serve_as_daemon(args)
-    image = Image(args.image, read_only=args.read_only, direct=args.direct)
-    device = BlockDevice(
-        image,
-        num_queues=args.num_queues,
-        queue_size=args.queue_size,
+        return _serve_as_daemon(args, opts)
+    storage = open_storage(
+        args.spec,
+        opts=opts,
         read_only=args.read_only,
-        serial=args.serial,
-    )
-    engine = args.aio
-    if engine is None:
-        engine = default_engine()
-    elif engine == "io_uring" and not uring.available():
-        raise UsageError("--aio io_uring: io_uring is not available here (kernel or seccomp)")
-    server = Server(
-        device,
-        args.socket,
-        num_queues=args.num_queues,
-        engine=engine,
+        direct=args.direct,
+        fmt=args.format,
+        aio=args.aio,
         io_threads=args.io_threads,
-        poll_us=args.poll_us,
-        threads=min(args.queue_threads, args.num_queues),
-        coalesce_us=args.coalesce_us,
-        socket_mode=args.socket_mode,
+        create=args.create,
     )
+    try:
+        device = BlockDevice(
+            storage,
+            num_queues=args.num_queues,
+            queue_size=args.queue_size,
+            read_only=args.read_only,
+            serial=args.serial,
+        )
+        server = Server(
+            device,
+            args.socket,
+            num_queues=args.num_queues,
+            poll_us=args.poll_us,
+            threads=min(args.queue_threads, args.num_queues),
+            coalesce_us=args.coalesce_us,
+            socket_mode=args.socket_mode,
+        )
+    except BaseException:
+        storage.close()
+        raise
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("%s: finishing in-flight requests and shutting down", signal.Signals(signum).name)
@@ -284,34 +319,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     log.info(
-        "serving %s (%d sectors%s%s) with %d queue(s) on %d thread(s), rings of up to %d "
-        "entries, seg_max %d, %s",
-        args.image,
+        "serving %s (%d sectors%s) with %d queue(s) on %d thread(s), rings of up to %d "
+        "entries, seg_max %d%s",
+        storage.description,
         device.capacity,
         ", read-only" if device.read_only else "",
-        ", O_DIRECT" if args.direct else "",
         args.num_queues,
         min(args.queue_threads, args.num_queues),
         args.queue_size,
         device.config.seg_max,
-        f"--aio {engine}"
-        + (f" ({args.io_threads} threads each)" if engine == "threads" else "")
-        + (f", polling up to {args.poll_us} us" if args.poll_us else "")
+        (f", polling up to {args.poll_us} us" if args.poll_us else "")
         + (f", coalescing interrupts up to {args.coalesce_us} us" if args.coalesce_us else ""),
     )
-    server.serve_forever()
-    image.close()
+    try:
+        server.serve_forever()
+    finally:
+        device.close()
+        storage.close()
     log.info("stopped")
     return 0
 
 
-def _serve_as_daemon(args: argparse.Namespace) -> int:
+def _serve_as_daemon(args: argparse.Namespace, opts: dict[str, str]) -> int:
     """``vblk serve --control/--metrics``: a daemon with the one export ``disk``."""
     from vblk.daemon import run
 
     params = {
         "id": "disk",
-        "spec": args.image,
+        "spec": args.spec,
         "socket": args.socket,
         "num_queues": args.num_queues,
         "queue_size": args.queue_size,
@@ -319,13 +354,15 @@ def _serve_as_daemon(args: argparse.Namespace) -> int:
         "serial": args.serial,
         "direct": args.direct,
         "aio": args.aio,
-        "opts": {},
+        "opts": opts,
+        "format": args.format,
     }
     defaults = {
         "io_threads": args.io_threads,
         "poll_us": args.poll_us,
         "queue_threads": args.queue_threads,
         "coalesce_us": args.coalesce_us,
+        "create": args.create,
     }
     return run(
         args.control,

@@ -15,8 +15,8 @@ message)`` with a JSON-RPC code (:mod:`vblk.control.jsonrpc`).
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -50,6 +50,8 @@ class ExportConfig:
     direct: bool = False
     aio: str | None = None
     opts: dict[str, Any] = field(default_factory=dict)
+    format: str | None = None
+    create: int | None = None  # vblk serve --create: a missing raw file is made this size
     io_threads: int = 4
     poll_us: int = 0
     queue_threads: int = 1
@@ -69,6 +71,7 @@ class ExportConfig:
             "direct": self.direct,
             "aio": self.aio,
             "opts": dict(self.opts),
+            "format": self.format,
         }
 
 
@@ -122,62 +125,68 @@ def worker_main(cfg: ExportConfig, listener: socket, conn: Connection, limits: L
         pass
 
 
+def storage_opts(opts: dict[str, Any]) -> dict[str, str]:
+    """export-add's opts as ``--opt KEY=VALUE`` gives them: JSON numbers and booleans as text."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in opts.items()}
+
+
 class _Export:
     """The worker's state: storage, device, server, rate limits."""
 
     def __init__(self, cfg: ExportConfig, listener: socket, limits: Limits) -> None:
         from vblk.blk.device import BlockDevice
-        from vblk.errors import VblkError
-        from vblk.io import uring
-        from vblk.io.engines import default_engine
-        from vblk.io.image import Image
         from vblk.server import Server
+        from vblk.storage.base import StorageError
+        from vblk.storage.spec import open_storage
 
         self.cfg = cfg
-        engine = cfg.aio or default_engine()
-        if engine == "io_uring" and not uring.available():
-            raise ExportError(rpc.STORAGE_ERROR, "aio io_uring: io_uring is not available here")
-        if cfg.opts:
-            raise ExportError(
-                rpc.STORAGE_ERROR, f"{cfg.spec}: raw images take no opts, got {sorted(cfg.opts)}"
-            )
         try:
-            self.image = Image(cfg.spec, read_only=cfg.read_only, direct=cfg.direct)
-        except VblkError as e:
+            self.storage = open_storage(
+                cfg.spec,
+                opts=storage_opts(cfg.opts),
+                read_only=cfg.read_only,
+                direct=cfg.direct,
+                fmt=cfg.format,
+                aio=cfg.aio,
+                io_threads=cfg.io_threads,
+                create=cfg.create,
+            )
+        except StorageError as e:
             raise ExportError(rpc.STORAGE_ERROR, str(e)) from None
-        self.device = BlockDevice(
-            self.image,
-            num_queues=cfg.num_queues,
-            queue_size=cfg.queue_size,
-            read_only=cfg.read_only,
-            serial=cfg.serial,
-        )
-        self.server = Server(
-            self.device,
-            cfg.socket,
-            num_queues=cfg.num_queues,
-            engine=engine,
-            io_threads=cfg.io_threads,
-            poll_us=cfg.poll_us,
-            threads=min(cfg.queue_threads, cfg.num_queues),
-            coalesce_us=cfg.coalesce_us,
-            listener=listener,
-            label=cfg.id,
-        )
+        try:
+            self.device = BlockDevice(
+                self.storage,
+                num_queues=cfg.num_queues,
+                queue_size=cfg.queue_size,
+                read_only=cfg.read_only,
+                serial=cfg.serial,
+            )
+            self.server = Server(
+                self.device,
+                cfg.socket,
+                num_queues=cfg.num_queues,
+                poll_us=cfg.poll_us,
+                threads=min(cfg.queue_threads, cfg.num_queues),
+                coalesce_us=cfg.coalesce_us,
+                listener=listener,
+                label=cfg.id,
+            )
+        except BaseException:
+            self.storage.close()
+            raise
         self.set_qos(limits)
         log.info(
-            "serving %s (%d bytes%s) on %s with %d queue(s), --aio %s",
-            cfg.spec,
-            self.image.size,
+            "serving %s (%d bytes%s) on %s with %d queue(s)",
+            self.storage.description,
+            self.size,
             ", read-only" if self.device.read_only else "",
             cfg.socket,
             cfg.num_queues,
-            engine,
         )
 
     @property
     def size(self) -> int:
-        return int(self.image.size)
+        return self.device.capacity << 9
 
     def commands(self, conn: Connection) -> None:
         """Answer the daemon's commands until it says stop or goes away."""
@@ -224,7 +233,9 @@ class _Export:
         self.server.set_throttle(throttle)
 
     def resize(self, size: int, force: bool) -> dict[str, Any]:
-        """Grow (or, with force, shrink) the image and tell an attached guest."""
+        """Grow (or, with force, shrink) the storage and tell an attached guest."""
+        from vblk.storage.base import StorageError
+
         old = self.size
         if size < old and not force:
             raise ExportError(
@@ -232,22 +243,14 @@ class _Export:
                 f"{self.cfg.id}: shrinking from {old} to {size} bytes loses data; "
                 "pass force=true to do it anyway",
             )
-        if self.image.is_block_device:
-            raise ExportError(
-                rpc.RESIZE_REFUSED, f"{self.cfg.spec}: a block device cannot be resized from here"
-            )
         if self.device.read_only:
             raise ExportError(rpc.RESIZE_REFUSED, f"{self.cfg.id}: the export is read-only")
         if size != old:
             try:
-                os.ftruncate(self.image.fd, size)
-            except OSError as e:
-                raise ExportError(
-                    rpc.RESIZE_REFUSED, f"{self.cfg.spec}: cannot resize: {e.strerror}"
-                ) from None
-            self.image.size = size
-            self.device.capacity = size >> 9
-            self.device.config.capacity = size >> 9
+                caps = self.storage.resize(size)
+            except StorageError as e:
+                raise ExportError(rpc.RESIZE_REFUSED, f"{self.cfg.id}: {e}") from None
+            self.device.resized(caps)
         told = False
         try:
             told = self.server.config_changed()
@@ -257,4 +260,5 @@ class _Export:
         return {"id": self.cfg.id, "old_size": old, "size": size, "guest_notified": told}
 
     def close(self) -> None:
-        self.image.close()
+        self.device.close()
+        self.storage.close()

@@ -61,10 +61,8 @@ class ServeError(VblkError):
 
 @dataclass(frozen=True)
 class QueueSettings:
-    """How every running queue is served: the ``vblk serve`` options of the I/O path."""
+    """How every running queue is served: the ``vblk serve`` options of the queue threads."""
 
-    engine: str = "sync"
-    io_threads: int = 4  # pool size per queue for the threads engine
     poll_us: int = 0
     threads: int = 1  # IOThreads per connection
     coalesce_us: int = DEFAULT_HOLD_US
@@ -96,7 +94,7 @@ class _ConnectionQueues:
         self.retired: dict[int, dict[str, Any]] = {} if retired is None else retired
 
     def start_queue(self, vring: Vring) -> None:
-        # IOThreads, and the engines' pool threads, inherit a mask that blocks
+        # IOThreads, and the storage queues' threads, inherit a mask that blocks
         # the shutdown signals, so the kernel hands those to the main thread: the only
         # one that runs Python handlers, and it may sleep in poll() for a long time.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
@@ -108,7 +106,7 @@ class _ConnectionQueues:
                 thread.start()
                 self.threads[slot] = thread
             st = self.settings
-            worker = QueueWorker(vring, self.device, st.engine, st.io_threads, st.coalesce_us)
+            worker = QueueWorker(vring, self.device, st.coalesce_us)
             worker.throttle = self.throttle
             self.workers[vring.index] = (worker, thread)
             thread.add(worker)
@@ -161,8 +159,6 @@ class Server:
         socket_path: str,
         *,
         num_queues: int,
-        engine: str = "sync",
-        io_threads: int = 4,
         poll_us: int = 0,
         threads: int = 1,
         coalesce_us: int = DEFAULT_HOLD_US,
@@ -173,7 +169,7 @@ class Server:
         if not 0 <= socket_mode <= 0o777:
             raise ServeError(f"socket mode {socket_mode:#o} is not a permission mode (0..0777)")
         self.device = device
-        self.queue_settings = QueueSettings(engine, io_threads, poll_us, threads, coalesce_us)
+        self.queue_settings = QueueSettings(poll_us, threads, coalesce_us)
         self.socket_path = socket_path
         self.num_queues = num_queues
         self.label = label
@@ -295,7 +291,7 @@ class Server:
         if self._identity is not None:
             remove_socket(self.socket_path, self._identity)
         try:
-            self.device.image.flush()
+            self.device.flush_now()
         except OSError as e:
             log.error("final flush failed: %s", e)
 

@@ -2,12 +2,12 @@
 
 A :class:`QueueWorker` is one virtqueue's work, with no thread of its own: it
 joins the sans-IO pieces at run time (the ring of :mod:`vblk.virtio.queue`
-yields chains, the device model of :mod:`vblk.blk.device` checks and executes
-them) and puts completions back on the used ring, with an interrupt when
-EVENT_IDX asks for one.
+yields chains, the device model of :mod:`vblk.blk.device` checks them, the
+storage queue of :mod:`vblk.storage` carries them out) and puts completions
+back on the used ring, with an interrupt when EVENT_IDX asks for one.
 
 An :class:`IOThread` is one thread with one ``poll()`` loop over the kick and
-engine fds of every queue it serves, as QEMU's IOThread (and so
+storage-queue fds of every queue it serves, as QEMU's IOThread (and so
 qemu-storage-daemon) does. Under CPython the queues of one process share one
 GIL anyway: a thread per queue adds only the hand-offs between them, so by
 default ``vblk serve`` runs every queue on one IOThread, and one wake-up
@@ -25,7 +25,6 @@ from collections import deque
 from typing import Any, cast
 
 from vblk.blk.device import BlockDevice, DataRequest, Stats
-from vblk.io.engines import ENGINES, make_engine
 from vblk.io.timer import Timer
 from vblk.io.uring import clear_eventfd
 from vblk.procname import set_thread_name
@@ -44,7 +43,7 @@ POLL_START_NS = 4_000
 #: Requests one queue may pop in a row while other queues on its thread wait.
 DRAIN_BUDGET = 256
 
-__all__ = ["ENGINES", "IOThread", "QueueWorker"]
+__all__ = ["IOThread", "QueueWorker"]
 
 _HANGUP = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
@@ -52,31 +51,18 @@ _HANGUP = select.POLLERR | select.POLLHUP | select.POLLNVAL
 class QueueWorker:
     """One virtqueue's work: pop, check, submit, reap, push, notify.
 
-    The I/O engine (:mod:`vblk.io.engines`) decides how the queue's reads and
-    writes overlap. Everything else stays on the :class:`IOThread` that runs
-    the worker, which also reaps every completion, so the used ring has one
-    writer and the hot path takes no lock.
+    The storage queue (:meth:`vblk.storage.base.Storage.open_queue`) decides
+    how the queue's operations overlap. Everything else stays on the
+    :class:`IOThread` that runs the worker, which also reaps every
+    completion, so the used ring has one writer and the hot path takes no lock.
     """
 
-    def __init__(
-        self,
-        vring: Vring,
-        device: BlockDevice,
-        engine: str = "sync",
-        io_threads: int = 4,
-        coalesce_us: int = 0,
-    ) -> None:
+    def __init__(self, vring: Vring, device: BlockDevice, coalesce_us: int = 0) -> None:
         assert vring.queue is not None
         self.vring = vring
         self.queue = vring.queue
         self.device = device
-        self.engine = make_engine(
-            engine,
-            queue_size=self.queue.size,
-            io_threads=io_threads,
-            direct=device.image.direct,
-            label=f"vblk-queue{vring.index}-io",
-        )
+        self.engine = device.storage.open_queue(vring.index, self.queue.size)
         # What the driver asked of us and what we asked of it: with EVENT_IDX
         # both kicks and interrupts stay well below the request count.
         self.kicks = 0
@@ -109,7 +95,6 @@ class QueueWorker:
         start = self.device.start
         engine = self.engine
         submit = engine.submit
-        image_fd = self.device.image.fd
         stats = self.stats
         self.batches += 1
         n = 0
@@ -124,18 +109,20 @@ class QueueWorker:
                     break
                 started = start(chain, stats)
                 if isinstance(started, DataRequest):
-                    if started.write:
+                    if started.op:
                         self.write_ops += 1
                     else:
                         self.read_ops += 1
                     if throttle is not None:
-                        throttle.account(started.write, started.nbytes, time.monotonic_ns())
-                    submit(image_fd, started.write, started.bufs, started.offset, started)
+                        throttle.account(started.op == 1, started.nbytes, time.monotonic_ns())
+                    submit(started.op, started.offset, started.nbytes, started.bufs, 0, started)
+                elif isinstance(started, int):
+                    q.push(chain.head, started)
                 elif started is None:
                     q.mark_broken(f"request {chain.head} has no status byte: {chain.error}")
                     break
                 else:
-                    q.push(chain.head, started)
+                    self.device.begin(started, engine)
                 n += 1
                 if n % NOTIFY_BATCH == 0:
                     # A long batch: let the first requests start and finish early.
@@ -186,18 +173,31 @@ class QueueWorker:
         }
 
     def complete(self) -> None:
-        """Reap the engine: status bytes, used ring, and an interrupt now or soon.
+        """Reap the storage queue: status bytes, used ring, and an interrupt now or soon.
 
         The interrupt goes out when the driver wants one (EVENT_IDX) and the
         coalescer (:mod:`vblk.virtio.coalesce`) does not hold it for company;
         a held one is the :class:`IOThread`'s to release by its deadline.
+        A request with more to do (a short transfer, a writethrough flush,
+        the next step of a flush or discard) is resubmitted by ``finish``.
         """
         q = self.queue
         finish = self.device.finish
         stats = self.stats
-        for token, res in self.engine.reap():
-            data = cast(DataRequest, token)  # the only tokens drain submits; no check per I/O
-            q.push(data.head, finish(data, res, stats))
+        engine = self.engine
+        more = True
+        while more:
+            more = False
+            for token, res in engine.reap():
+                data = cast(DataRequest, token)  # the only tokens drain submits; no check per I/O
+                n = finish(data, res, stats, engine)
+                if n >= 0:
+                    q.push(data.head, n)
+                else:
+                    more = True
+            if more:
+                engine.commit()
+                more = engine.ready()
         used = q.used_idx
         n = (used - self._pushed) & 0xFFFF
         self._pushed = used

@@ -59,10 +59,12 @@ class Backend:
         serial: str | None = None,
         read_only: bool = False,
         extra: tuple[str, ...] = (),
+        spec: str | None = None,
     ) -> None:
         if kind not in KINDS:
             raise pytest.UsageError(f"VBLK_E2E_BACKEND must be one of {KINDS}, not {kind!r}")
         self.kind, self.image, self.socket, self.log_path = kind, image, socket, log_path
+        self.spec = spec or str(image)  # what vblk serves: the image, or another storage spec
         self.cmd = self._command(num_queues, serial, read_only, extra)
         # A restart may find the socket of a killed predecessor: wait for a new one.
         stale = _identity(socket)
@@ -85,7 +87,7 @@ class Backend:
         self, num_queues: int | None, serial: str | None, read_only: bool, extra: tuple[str, ...]
     ) -> list[str]:
         if self.kind == "vblk":
-            cmd = [sys.executable, "-m", "vblk", "serve", str(self.image)]
+            cmd = [sys.executable, "-m", "vblk", "serve", self.spec]
             cmd += ["--socket", str(self.socket)]
             if num_queues is not None:  # None: the backend's default
                 cmd += ["--num-queues", str(num_queues)]
@@ -94,7 +96,7 @@ class Backend:
             if read_only:
                 cmd.append("--read-only")
             return cmd + list(extra)
-        if serial is not None or read_only or extra:
+        if serial is not None or read_only or extra or self.spec != str(self.image):
             raise ValueError(
                 "serial/read-only/extra are vblk serve options; mark the test vblk_only"
             )

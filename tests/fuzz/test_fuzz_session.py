@@ -33,6 +33,7 @@ from vblk.blk.defs import ReqType
 from vblk.blk.device import BlockDevice, Stats
 from vblk.errors import GuestMemoryError
 from vblk.io.image import Image
+from vblk.storage.file import FileStorage
 from vblk.vhost_user.backend import MAX_MEM_SLOTS, PROTOCOL_FEATURES, BackendSession, Vring
 from vblk.vhost_user.codec import (
     U64,
@@ -294,7 +295,7 @@ def _inflight_content(draw: st.DrawFn) -> bytes:
 def device(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockDevice]:
     p = tmp_path_factory.mktemp("fuzz-session") / "d.img"
     Image.create(str(p), 1 << 20)
-    img = Image(str(p))
+    img = FileStorage(str(p), aio="sync")
     dev = BlockDevice(img, num_queues=NUM_QUEUES, queue_size=256, serial="fuzz")
     yield dev
     img.close()

@@ -9,18 +9,23 @@ checked values.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from vblk.control.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, RpcError
+from vblk.virtio.defs import MAX_QUEUE_SIZE, is_queue_size
 
 __all__ = ["ENGINES", "MAX_NUM_QUEUES", "METHODS", "QOS_KEYS", "validate"]
 
 #: Export ids: short, printable, safe in a log line, a metric label and a thread name.
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
-MAX_NUM_QUEUES = 64
+FORMAT_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+#: As ``vblk serve``: QEMU's VIRTIO_QUEUE_MAX, and by default enough for any guest on this host.
+MAX_NUM_QUEUES = 1024
+DEFAULT_NUM_QUEUES = min(MAX_NUM_QUEUES, max(64, os.cpu_count() or 1))
 #: A unix socket path must fit sun_path (108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
 ENGINES = ("sync", "threads", "io_uring")
@@ -89,10 +94,19 @@ def _export_id(name: str, v: Any) -> str:
 
 
 def _queue_size(name: str, v: Any) -> int:
-    n: int = _int(1, 1024)(name, v)
-    if n & (n - 1):
+    n: int = _int(1, MAX_QUEUE_SIZE)(name, v)
+    if not is_queue_size(n):
         raise _bad(name, f"must be a power of two, got {n}")
     return n
+
+
+def _format(name: str, v: Any) -> str | None:
+    if v is None:
+        return None
+    s: str = _str(32)(name, v)
+    if not FORMAT_RE.fullmatch(s):
+        raise _bad(name, f"{s!r} is not a format name")
+    return s
 
 
 def _engine(name: str, v: Any) -> str | None:
@@ -149,13 +163,14 @@ METHODS: dict[str, dict[str, Param]] = {
         "id": _ID,
         "spec": Param(_nonempty(4096), required=True),
         "socket": Param(_nonempty(MAX_SOCKET_PATH), required=True),
-        "num_queues": Param(_int(1, MAX_NUM_QUEUES), default=1),
-        "queue_size": Param(_queue_size, default=256),
+        "num_queues": Param(_int(1, MAX_NUM_QUEUES), default=DEFAULT_NUM_QUEUES),
+        "queue_size": Param(_queue_size, default=MAX_QUEUE_SIZE),
         "read_only": Param(_bool, default=False),
         "serial": Param(_str(20), default=""),
         "direct": Param(_bool, default=False),
         "aio": Param(_engine, default=None),
         "opts": Param(_opts, default={}),  # never mutated
+        "format": Param(_format, default=None),
     },
     "export-remove": {"id": _ID},
     "export-list": {},

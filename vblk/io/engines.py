@@ -1,17 +1,21 @@
-"""I/O engines: how one queue's reads and writes reach the image, behind one interface.
+"""I/O engines: how one queue's operations reach a raw image, as :class:`StorageQueue` s.
 
-A queue thread hands an engine checked reads and writes (:meth:`Engine.submit`),
-pushes them on with :meth:`Engine.commit` once per batch, and collects
-``(token, result)`` pairs with :meth:`Engine.reap`, where ``result`` is the
-number of bytes moved or ``-errno``. Every completion is reaped on the queue
-thread, so the used ring has a single writer whatever the engine.
+These are the queues of :class:`vblk.storage.file.FileStorage`. A queue
+thread hands an engine checked operations (:meth:`submit`), pushes them on
+with :meth:`commit` once per batch, and collects ``(token, result)`` pairs
+with :meth:`reap`, where ``result`` is the number of bytes moved (READ,
+WRITE), 0 (FLUSH, DISCARD, WRITE_ZEROES) or ``-errno``. Every completion is
+reaped on the queue thread, so the used ring has a single writer whatever
+the engine. Flushes, discards and zeroing take the same path as data, so a
+slow fdatasync never stalls the queue thread (except with ``sync``).
 
-- :class:`SyncEngine` runs each request inside ``submit``: no overlap, the
+- :class:`SyncEngine` runs each operation inside ``submit``: no overlap, the
   lowest cost per request when the page cache answers.
-- :class:`ThreadEngine` runs requests on a pool with preadv/pwritev and
-  signals an eventfd; it works everywhere.
-- :class:`UringEngine` submits to io_uring, one syscall per batch; what
-  O_DIRECT on a real disk needs, and the default where the kernel allows it.
+- :class:`ThreadEngine` runs operations on a pool and signals an eventfd;
+  it works everywhere.
+- :class:`UringEngine` submits to io_uring, one syscall per batch (READV,
+  WRITEV, FSYNC, FALLOCATE); what O_DIRECT on a real disk needs, and the
+  default where the kernel allows it.
 """
 
 from __future__ import annotations
@@ -21,15 +25,19 @@ import os
 import select
 import threading
 from collections import deque
-from collections.abc import Sequence
 from queue import SimpleQueue
-from typing import Protocol
 
 from vblk.io import uring as _uring
+from vblk.io.image import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    Image,
+)
+from vblk.storage.base import FLAG_UNMAP, Completion, Op, StorageQueue
 
 __all__ = [
     "ENGINES",
-    "Engine",
     "SyncEngine",
     "ThreadEngine",
     "UringEngine",
@@ -40,39 +48,13 @@ __all__ = [
 #: Engine names as ``vblk serve --aio`` takes them.
 ENGINES = ("io_uring", "threads", "sync")
 
-Completion = tuple[object, int]
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 8)
+_READ, _WRITE, _FLUSH, _DISCARD, _ZEROES = (int(o) for o in Op)
+#: fallocate answers meaning "not this way here": the engine falls back to :class:`Image`.
+_UNSUPPORTED = (-errno.EOPNOTSUPP, -errno.EINVAL, -errno.ENOSYS)
 
 
-class Engine(Protocol):
-    """What a queue worker needs from an I/O engine."""
-
-    #: Readable when completions wait to be reaped; None if they never wait.
-    fd: int | None
-
-    def submit(
-        self, fd: int, write: bool, bufs: Sequence[memoryview], offset: int, token: object
-    ) -> None: ...
-
-    def commit(self) -> None: ...
-
-    def reap(self) -> list[Completion]: ...
-
-    def ready(self) -> bool:
-        """Cheap check, for polling: are completions waiting?"""
-        ...
-
-    def clear_signal(self) -> None:
-        """Consume the wake-up on :attr:`fd` (before reaping, so none is lost)."""
-        ...
-
-    @property
-    def inflight(self) -> int: ...
-
-    def close(self) -> None: ...
-
-
-def _transfer(fd: int, write: bool, bufs: Sequence[memoryview], offset: int) -> int:
+def _transfer(fd: int, write: int, bufs: list[memoryview], offset: int) -> int:
     """One preadv/pwritev; bytes moved or -errno (short transfers are the caller's)."""
     try:
         return os.pwritev(fd, bufs, offset) if write else os.preadv(fd, bufs, offset)
@@ -80,18 +62,53 @@ def _transfer(fd: int, write: bool, bufs: Sequence[memoryview], offset: int) -> 
         return -(e.errno or errno.EIO)
 
 
+def _control(image: Image, op: int, offset: int, length: int, flags: int) -> int:
+    """FLUSH, DISCARD or WRITE_ZEROES, synchronously, with the image's fallbacks; 0 or -errno."""
+    try:
+        if op == _FLUSH:
+            os.fdatasync(image.fd)
+        elif op == _DISCARD:
+            image.discard(offset, length)
+        elif op == _ZEROES:
+            image.write_zeroes(offset, length, unmap=bool(flags & FLAG_UNMAP))
+        else:
+            return -errno.EINVAL
+    except OSError as e:
+        return -(e.errno or errno.EIO)
+    return 0
+
+
+def _run(
+    image: Image, op: int, offset: int, length: int, bufs: list[memoryview], flags: int
+) -> int:
+    if op <= _WRITE:
+        return _transfer(image.fd, op, bufs, offset)
+    return _control(image, op, offset, length, flags)
+
+
 class SyncEngine:
-    """Runs each request at once on the calling (queue) thread."""
+    """Runs each operation at once on the calling (queue) thread."""
 
     fd: int | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, image: Image) -> None:
+        self._image = image
+        self._fd = image.fd
         self._done: list[Completion] = []
 
     def submit(
-        self, fd: int, write: bool, bufs: Sequence[memoryview], offset: int, token: object
+        self,
+        op: int,
+        offset: int,
+        length: int,
+        bufs: list[memoryview],
+        flags: int,
+        token: object,
     ) -> None:
-        self._done.append((token, _transfer(fd, write, bufs, offset)))
+        if op <= _WRITE:
+            self._done.append((token, _transfer(self._fd, op, bufs, offset)))
+        else:
+            self._done.append((token, _control(self._image, op, offset, length, flags)))
 
     def commit(self) -> None:
         pass
@@ -114,17 +131,19 @@ class SyncEngine:
         pass
 
 
+_Work = tuple[int, int, int, list[memoryview], int, object]
+
+
 class ThreadEngine:
-    """A pool of threads doing preadv/pwritev; completions come back through an eventfd.
+    """A pool of threads doing the operations; completions come back through an eventfd.
 
     The pool is a bare :class:`queue.SimpleQueue` and daemon threads rather
     than an executor: no future per request, about a third of the cost.
     """
 
-    def __init__(self, threads: int, name: str = "vblk-io") -> None:
-        self._work: SimpleQueue[tuple[int, bool, Sequence[memoryview], int, object] | None] = (
-            SimpleQueue()
-        )
+    def __init__(self, image: Image, threads: int, name: str = "vblk-io") -> None:
+        self._image = image
+        self._work: SimpleQueue[_Work | None] = SimpleQueue()
         self._done: deque[Completion] = deque()
         self._inflight = 0
         self.fd: int | None = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -136,17 +155,23 @@ class ThreadEngine:
             t.start()
 
     def _serve(self, efd: int) -> None:
-        get, done = self._work.get, self._done
+        get, done, image = self._work.get, self._done, self._image
         while (item := get()) is not None:
-            fd, write, bufs, offset, token = item
-            done.append((token, _transfer(fd, write, bufs, offset)))  # deque.append is atomic
+            op, offset, length, bufs, flags, token = item
+            done.append((token, _run(image, op, offset, length, bufs, flags)))  # atomic append
             os.eventfd_write(efd, 1)
 
     def submit(
-        self, fd: int, write: bool, bufs: Sequence[memoryview], offset: int, token: object
+        self,
+        op: int,
+        offset: int,
+        length: int,
+        bufs: list[memoryview],
+        flags: int,
+        token: object,
     ) -> None:
         self._inflight += 1
-        self._work.put((fd, write, bufs, offset, token))
+        self._work.put((op, offset, length, bufs, flags, token))
 
     def commit(self) -> None:
         pass
@@ -171,7 +196,7 @@ class ThreadEngine:
         return self._inflight
 
     def close(self) -> None:
-        """Let queued requests finish, then stop the threads."""
+        """Let queued operations finish, then stop the threads."""
         for _ in self._threads:
             self._work.put(None)
         for t in self._threads:
@@ -181,8 +206,21 @@ class ThreadEngine:
             self.fd = None
 
 
+class _Falloc:
+    """A discard or zeroing in the ring: what to redo if the kernel refuses that fallocate mode."""
+
+    __slots__ = ("flags", "length", "offset", "op", "token")
+
+    def __init__(self, op: int, offset: int, length: int, flags: int, token: object) -> None:
+        self.op = op
+        self.offset = offset
+        self.length = length
+        self.flags = flags
+        self.token = token
+
+
 class UringEngine:
-    """io_uring: requests queue up as SQEs and go to the kernel in one syscall per batch.
+    """io_uring: operations queue up as SQEs and go to the kernel in one syscall per batch.
 
     On a page-cached image (``direct=False``) two shortcuts keep the cost of
     a request at that of a plain syscall: a read first tries ``preadv`` with
@@ -190,21 +228,41 @@ class UringEngine:
     only otherwise goes to the ring; a write runs inline, because filesystems
     such as ext4 cannot write buffered data without blocking, so io_uring
     would hand every write to a kernel worker thread (three times the CPU,
-    measured). With O_DIRECT everything goes through the ring.
+    measured). With O_DIRECT every read and write goes through the ring.
+
+    FLUSH is an IORING_OP_FSYNC (datasync); DISCARD and WRITE_ZEROES are
+    IORING_OP_FALLOCATE (punch hole, zero range). Where the kernel or the
+    filesystem refuses that mode, the operation is redone by :class:`Image`
+    with its fallbacks, and later ones of that kind run inline (rare setups:
+    a block device without write-zeroes-unmap, a filesystem without holes).
     """
 
-    def __init__(self, entries: int, *, direct: bool = True) -> None:
+    def __init__(self, image: Image, entries: int, *, direct: bool = True) -> None:
+        self._image = image
+        self._fd = image.fd
         self._ring = _uring.Uring(max(8, entries))
         self.fd: int | None = self._ring.eventfd
         self._inline = not direct
         self._done: list[Completion] = []  # finished inline, or while waiting for SQ space
+        self._fallocs = 0  # _Falloc tokens in the ring
+        self._falloc_refused: set[int] = set()  # ops whose fallocate mode failed once
 
     def submit(
-        self, fd: int, write: bool, bufs: Sequence[memoryview], offset: int, token: object
+        self,
+        op: int,
+        offset: int,
+        length: int,
+        bufs: list[memoryview],
+        flags: int,
+        token: object,
     ) -> None:
+        fd = self._fd
+        if op > _WRITE:
+            self._submit_control(op, offset, length, flags, token)
+            return
         if self._inline:
-            if write:
-                self._done.append((token, _transfer(fd, True, bufs, offset)))
+            if op:
+                self._done.append((token, _transfer(fd, op, bufs, offset)))
                 return
             try:
                 n = os.preadv(fd, bufs, offset, _RWF_NOWAIT)
@@ -213,17 +271,35 @@ class UringEngine:
             except OSError as e:
                 self._done.append((token, -(e.errno or errno.EIO)))
                 return
-            if n >= 0 and n == sum(map(len, bufs)):
+            if n >= 0 and n == length:
                 self._done.append((token, n))
                 return
             # Not (all) cached: the whole read goes to the ring.
-        op = _uring.OP_WRITEV if write else _uring.OP_READV
+        uop = _uring.OP_WRITEV if op else _uring.OP_READV
         try:
-            self._ring.prep_rw(op, fd, bufs, offset, token)
+            self._ring.prep_rw(uop, fd, bufs, offset, token)
         except _uring.RingFull:
             # Only if more is in flight than the ring holds; stay correct anyway.
             self._wait_for_space()
-            self._ring.prep_rw(op, fd, bufs, offset, token)
+            self._ring.prep_rw(uop, fd, bufs, offset, token)
+
+    def _submit_control(self, op: int, offset: int, length: int, flags: int, token: object) -> None:
+        ring = self._ring
+        if ring.space == 0:
+            self._wait_for_space()
+        if op == _FLUSH:
+            ring.prep_fsync(self._fd, token)
+            return
+        if op in self._falloc_refused or op not in (_DISCARD, _ZEROES):
+            self._done.append((token, _control(self._image, op, offset, length, flags)))
+            return
+        if op == _ZEROES and not flags & FLAG_UNMAP:
+            mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+        else:
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        wrapped = _Falloc(op, offset, length, flags, token)
+        ring.prep_fallocate(self._fd, mode, offset, length, wrapped)
+        self._fallocs += 1
 
     def _wait_for_space(self) -> None:
         ring = self._ring
@@ -231,13 +307,30 @@ class UringEngine:
             ring.submit()
             select.select([ring.eventfd], [], [], 1.0)
             _uring.clear_eventfd(ring.eventfd)
-            self._done.extend(ring.reap())
+            self._done.extend(self._unwrap(ring.reap()) if self._fallocs else ring.reap())
+
+    def _unwrap(self, out: list[Completion]) -> list[Completion]:
+        """Hand back the callers' tokens of fallocates, redoing the refused ones by fallback."""
+        fixed: list[Completion] = []
+        for token, res in out:
+            if type(token) is _Falloc:
+                self._fallocs -= 1
+                t = token
+                if res in _UNSUPPORTED:
+                    self._falloc_refused.add(t.op)
+                    res = _control(self._image, t.op, t.offset, t.length, t.flags)
+                fixed.append((t.token, res))
+            else:
+                fixed.append((token, res))
+        return fixed
 
     def commit(self) -> None:
         self._ring.submit()
 
     def reap(self) -> list[Completion]:
         out = self._ring.reap()
+        if self._fallocs:
+            out = self._unwrap(out)
         if self._done:
             out = self._done + out
             self._done = []
@@ -264,13 +357,18 @@ def default_engine() -> str:
 
 
 def make_engine(
-    name: str, *, queue_size: int, io_threads: int, direct: bool = True, label: str = "vblk-io"
-) -> Engine:
-    """A fresh engine for one queue; ``direct``: the image is opened with O_DIRECT."""
+    name: str,
+    image: Image,
+    *,
+    queue_size: int,
+    io_threads: int,
+    label: str = "vblk-io",
+) -> StorageQueue:
+    """A fresh engine for one queue of ``image`` (O_DIRECT or not, as the image was opened)."""
     if name == "io_uring":
-        return UringEngine(queue_size, direct=direct)
+        return UringEngine(image, queue_size, direct=image.direct)
     if name == "threads":
-        return ThreadEngine(io_threads, label)
+        return ThreadEngine(image, io_threads, label)
     if name == "sync":
-        return SyncEngine()
+        return SyncEngine(image)
     raise ValueError(f"unknown I/O engine {name!r} (choose from {', '.join(ENGINES)})")

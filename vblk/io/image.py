@@ -25,9 +25,9 @@ SECTOR = 512
 # IOV_MAX on Linux: preadv/pwritev take at most this many buffers per call.
 _IOV_MAX = 1024
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 
 _BLKGETSIZE64 = 0x80081272
 _BLKDISCARD = 0x1277
@@ -172,7 +172,7 @@ class Image:
         if self.is_block_device:
             fcntl.ioctl(self.fd, _BLKDISCARD, struct.pack("<QQ", offset, length))
         else:
-            fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
         """Make a range read as zeroes, deallocating it when ``unmap`` allows."""
@@ -186,10 +186,10 @@ class Image:
                     pass
             fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("<QQ", offset, length))
             return
-        modes = [_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE] if unmap else []
+        modes = [FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if unmap else []
         modes += [
-            _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE,
-            _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+            FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
         ]
         for mode in modes:
             try:

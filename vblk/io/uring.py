@@ -3,8 +3,9 @@
 Why: with O_DIRECT every request waits for the disk, and a queue thread that
 does one preadv at a time gets queue depth 1. io_uring lets one thread keep a
 whole virtqueue's worth of I/O in flight without a thread per request. Only
-what vblk needs is here: setup, SQE/CQE rings, READV, WRITEV, an eventfd for
-completions. The iovec arrays point straight at guest memory, so data still
+what vblk needs is here: setup, SQE/CQE rings, READV, WRITEV, FSYNC and
+FALLOCATE (so flushes, discards and zeroing never block the queue thread
+either), an eventfd for completions. The iovec arrays point straight at guest memory, so data still
 moves with no copy.
 """
 
@@ -24,6 +25,9 @@ _ENTER_GETEVENTS = 1
 _REGISTER_EVENTFD = 4
 OP_READV, OP_WRITEV = 1, 2
 OP_READ, OP_WRITE = 22, 23  # one buffer, no iovec array (Linux 5.6)
+OP_FSYNC = 3
+OP_FALLOCATE = 17  # Linux 5.6
+FSYNC_DATASYNC = 1
 _SINGLE = {OP_READV: OP_READ, OP_WRITEV: OP_WRITE}
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -160,6 +164,30 @@ class Uring:
         index = tail & self._sq_mask
         _SQE_HEAD.pack_into(
             self._sqe_view, index * _SQE_SIZE, op, 0, 0, fd, offset, addr, n, 0, user_data
+        )
+        self._u32[self._sq_array + index] = index
+        self._tail = (tail + 1) & 0xFFFFFFFF
+        self._pending += 1
+
+    def prep_fsync(self, fd: int, token: object, *, datasync: bool = True) -> None:
+        """Queue an fsync (fdatasync with ``datasync``) of ``fd``."""
+        self._prep(OP_FSYNC, fd, 0, 0, 0, FSYNC_DATASYNC if datasync else 0, token)
+
+    def prep_fallocate(self, fd: int, mode: int, offset: int, length: int, token: object) -> None:
+        """Queue a fallocate(2) with ``mode`` (the kernel takes the length in the addr field)."""
+        self._prep(OP_FALLOCATE, fd, offset, length, mode, 0, token)
+
+    def _prep(
+        self, op: int, fd: int, offset: int, addr: int, n: int, op_flags: int, token: object
+    ) -> None:
+        tail = self._tail
+        if (tail - self._u32[self._sq_head]) & 0xFFFFFFFF >= self.entries:
+            raise RingFull(0, "submission queue full")
+        self._key = user_data = (self._key + 1) & 0xFFFFFFFFFFFFFFFF
+        self._inflight[user_data] = (token, None, ())
+        index = tail & self._sq_mask
+        _SQE_HEAD.pack_into(
+            self._sqe_view, index * _SQE_SIZE, op, 0, 0, fd, offset, addr, n, op_flags, user_data
         )
         self._u32[self._sq_array + index] = index
         self._tail = (tail + 1) & 0xFFFFFFFF

@@ -729,7 +729,6 @@ class BackendSession:
         if not self.device.write_config(cfg.offset, cfg.data):
             raise _Reject(f"config write of {cfg.size} bytes at {cfg.offset} is not allowed")
 
-
     # -- back-end request channel ---------------------------------------------
 
     def _set_backend_req_fd(self, msg: Message) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 import guest as guest_tool
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 MiB = 1 << 20
 
 
