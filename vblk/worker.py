@@ -22,11 +22,13 @@ import select
 import threading
 import time
 from collections import deque
-from typing import cast
+from typing import Any, cast
 
 from vblk.blk.device import BlockDevice, DataRequest, Stats
 from vblk.io.timer import Timer
 from vblk.io.uring import clear_eventfd
+from vblk.procname import set_thread_name
+from vblk.qos import Throttle
 from vblk.vhost_user.backend import Vring
 from vblk.virtio.coalesce import Coalescer
 
@@ -72,6 +74,12 @@ class QueueWorker:
         self.coalescer = Coalescer(coalesce_us * 1000)
         self._pushed = self.queue.used_idx  # used index when completions were last counted
         self._told = False  # the first decision always signals (a resumed ring may need it)
+        # The export's rate limits, shared by its queues (None: unlimited, one check per pop).
+        self.throttle: Throttle | None = None
+        self.throttled_until = 0  # monotonic ns the throttle asked us to wait until; 0: not
+        self.throttle_waits = 0
+        self.read_ops = 0
+        self.write_ops = 0
 
     @property
     def index(self) -> int:
@@ -93,11 +101,20 @@ class QueueWorker:
         while True:
             q.disable_notifications()
             while True:
+                throttle = self.throttle
+                if throttle is not None and self._throttled(throttle):
+                    return False  # kicks stay off: the IOThread's timer brings us back
                 chain = q.pop()
                 if chain is None:
                     break
                 started = start(chain, stats)
                 if isinstance(started, DataRequest):
+                    if started.op:
+                        self.write_ops += 1
+                    else:
+                        self.read_ops += 1
+                    if throttle is not None:
+                        throttle.account(started.op == 1, started.nbytes, time.monotonic_ns())
                     submit(started.op, started.offset, started.nbytes, started.bufs, 0, started)
                 elif isinstance(started, int):
                     q.push(chain.head, started)
@@ -121,6 +138,39 @@ class QueueWorker:
                 return False
             if not q.enable_notifications():
                 return False
+
+    def _throttled(self, throttle: Throttle) -> bool:
+        """Whether the rate limits hold the next request back; if so, until when."""
+        now = time.monotonic_ns()
+        wait = throttle.delay_ns(now)
+        if not wait:
+            return False
+        self.engine.commit()
+        self.complete()
+        self.throttled_until = now + wait
+        self.throttle_waits += 1
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """The queue's counters so far (read from any thread; each value is one int read)."""
+        st = self.stats
+        return {
+            "queue": self.vring.index,
+            "requests": st.requests,
+            "read_ops": self.read_ops,
+            "write_ops": self.write_ops,
+            "read_bytes": st.read_bytes,
+            "write_bytes": st.write_bytes,
+            "flushes": st.flushes,
+            "discards": st.discards,
+            "write_zeroes": st.write_zeroes,
+            "errors": st.ioerr + st.unsupp,
+            "kicks": self.kicks,
+            "interrupts": self.interrupts,
+            "inflight": self.engine.inflight,
+            "held": self.coalescer.held,
+            "throttle_waits": self.throttle_waits,
+        }
 
     def complete(self) -> None:
         """Reap the storage queue: status bytes, used ring, and an interrupt now or soon.
@@ -228,6 +278,7 @@ class IOThread:
         self._serving: list[QueueWorker] = []  # workers whose kicks are watched
         self._leaving: list[_Leaving] = []
         self._busy: list[QueueWorker] = []  # stopped on their budget with work left
+        self._throttled: list[QueueWorker] = []  # held back by rate limits until a deadline
         self._timer = Timer()  # wakes the loop when a held interrupt is due
         self._poller.register(self._timer.fd, select.POLLIN)
         self._coalescing = False  # some worker may hold interrupts
@@ -282,6 +333,7 @@ class IOThread:
     # -- the loop ----------------------------------------------------------------
 
     def _run(self) -> None:
+        set_thread_name(self.name)
         try:
             self._loop()
         except Exception:
@@ -301,6 +353,10 @@ class IOThread:
             if self._requests:
                 self._apply_requests()
             due = self._release_due(now()) if self._coalescing else 0
+            if self._throttled:
+                resume = self._resume_throttled(now())
+                if resume and (not due or resume < due):
+                    due = resume
             if self._busy:
                 ready = self._busy
                 reaped: list[QueueWorker] = []
@@ -372,6 +428,9 @@ class IOThread:
                     w.complete()
                 elif w.drain(self.budget):
                     self._busy.append(w)
+                elif w.throttled_until:
+                    if w not in self._throttled:
+                        self._throttled.append(w)
                 elif w.queue.broken is not None:
                     self._unwatch_kick(w)
             except Exception:
@@ -403,6 +462,20 @@ class IOThread:
                         w.notify()
                     except Exception:
                         self._failed(w)
+            elif not next_at or at < next_at:
+                next_at = at
+        return next_at
+
+    def _resume_throttled(self, now: int) -> int:
+        """Queue the rate-limited workers whose wait is over; the next deadline (0 if none)."""
+        next_at = 0
+        for w in self._throttled[:]:
+            at = w.throttled_until
+            if at <= now:
+                w.throttled_until = 0
+                self._throttled.remove(w)
+                if w in self._serving and w not in self._busy:
+                    self._busy.append(w)
             elif not next_at or at < next_at:
                 next_at = at
         return next_at
@@ -468,6 +541,9 @@ class IOThread:
                 self._poller.unregister(kick)
         if worker in self._busy:
             self._busy.remove(worker)
+        if worker in self._throttled:
+            self._throttled.remove(worker)
+            worker.throttled_until = 0
         try:
             worker.flush()  # no deadline is watched from now on: what is held goes now
         except Exception:
