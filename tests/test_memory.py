@@ -260,3 +260,36 @@ def test_need_event_wraps() -> None:
     assert vdefs.need_event(65534, 2, 65530)
     assert not vdefs.need_event(3, 2, 65530)
     assert not vdefs.need_event(5, 5, 5)  # nothing moved
+
+
+def test_map_fd_seals_a_sealable_memfd_against_shrinking() -> None:
+    import fcntl
+
+    from vblk.memory import map_fd
+
+    fd = os.memfd_create("t", os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, 8192)
+        view, close = map_fd(fd, 4096, 0)
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+        os.ftruncate(fd, 16384)  # growing stays allowed
+        view.release()
+        close()
+    finally:
+        os.close(fd)
+
+
+def test_map_fd_still_maps_an_unsealable_memfd() -> None:
+    from vblk.memory import map_fd, seal_shrink
+
+    fd = os.memfd_create("t")  # no MFD_ALLOW_SEALING: F_SEAL_SEAL is set
+    try:
+        os.ftruncate(fd, 4096)
+        assert not seal_shrink(fd)
+        view, close = map_fd(fd, 4096, 0)
+        view.release()
+        close()
+    finally:
+        os.close(fd)

@@ -121,8 +121,13 @@ def exercise(storage: NbdStorage, size: int) -> None:
         if storage.caps.discard:
             assert run(q, [(Op.DISCARD, 4 * bs, 4 * bs, [], 0)]) == [0]
         # Beyond the end: the server's EINVAL (or libnbd's) for that request alone.
-        res = run(q, [(Op.READ, size, 512, [memoryview(bytearray(512))], 0),
-                      (Op.READ, 0, 512, [memoryview(bytearray(512))], 0)])
+        res = run(
+            q,
+            [
+                (Op.READ, size, 512, [memoryview(bytearray(512))], 0),
+                (Op.READ, 0, 512, [memoryview(bytearray(512))], 0),
+            ],
+        )
         assert res[0] < 0 and res[1] == 512
     finally:
         q.close()
@@ -151,8 +156,12 @@ def test_nbdkit_file_reaches_the_file(nbdkit: object, tmp_path: Path) -> None:
         # Two queues, two connections: what one writes, the other reads (multi-conn).
         q0, q1 = s.open_queue(0, 8), s.open_queue(1, 8)
         data = bytearray(b"\xa5" * 65536)
-        assert run(q0, [(Op.WRITE, MiB, 65536, [memoryview(data)], 0),
-                        ]) == [65536]
+        assert run(
+            q0,
+            [
+                (Op.WRITE, MiB, 65536, [memoryview(data)], 0),
+            ],
+        ) == [65536]
         assert run(q0, [(Op.FLUSH, 0, 0, [], 0)]) == [0]
         out = bytearray(65536)
         assert run(q1, [(Op.READ, MiB, 65536, [memoryview(out)], 0)]) == [65536]
@@ -211,9 +220,14 @@ def test_nbdkit_python_errors_fail_one_request(nbdkit: object, tmp_path: Path) -
         q = s.open_queue(0, 16)
         data = bytearray(b"x" * 4096)
         bufs = [memoryview(bytearray(4096)) for _ in range(3)]
-        res = run(q, [(Op.WRITE, 0, 4096, [memoryview(data)], 0),
-                      (Op.READ, MiB + 4096, 4096, [bufs[0]], 0),
-                      (Op.READ, 0, 4096, [bufs[1]], 0)])
+        res = run(
+            q,
+            [
+                (Op.WRITE, 0, 4096, [memoryview(data)], 0),
+                (Op.READ, MiB + 4096, 4096, [bufs[0]], 0),
+                (Op.READ, 0, 4096, [bufs[1]], 0),
+            ],
+        )
         assert res == [4096, -errno.EIO, 4096]
         assert bytes(bufs[1]) == bytes(data)
         q.close()
@@ -224,8 +238,20 @@ def test_nbdkit_python_errors_fail_one_request(nbdkit: object, tmp_path: Path) -
 def test_server_death_fails_requests_and_never_hangs(tmp_path: Path) -> None:
     _need("nbdkit")
     sock = tmp_path / "k.sock"
-    proc = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-U", str(sock),
-                             "--filter=delay", "memory", "4M", "rdelay=1"], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            "nbdkit",
+            "--exit-with-parent",
+            "-f",
+            "-U",
+            str(sock),
+            "--filter=delay",
+            "memory",
+            "4M",
+            "rdelay=1",
+        ],
+        stderr=subprocess.PIPE,
+    )
     try:
         _wait_socket(sock, proc)
         s = open_nbd(f"nbd+unix:///?socket={sock}", {}, read_only=False)
@@ -278,8 +304,10 @@ def test_open_errors_are_one_line(tmp_path: Path, nbdkit: object) -> None:
     img = tmp_path / "x.img"
     img.write_bytes(bytes(MiB))
     sock = tmp_path / "q.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-t", "-f", "raw", "-x", "real", "-k", str(sock),
-                             str(img)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-t", "-f", "raw", "-x", "real", "-k", str(sock), str(img)],
+        stderr=subprocess.PIPE,
+    )
     try:
         _wait_socket(sock, proc)
         with pytest.raises(StorageError) as e:
@@ -295,8 +323,9 @@ def test_no_multi_conn_means_one_writable_queue(tmp_path: Path) -> None:
     img.write_bytes(bytes(MiB))
     sock = tmp_path / "q.sock"
     # qemu-nbd advertises multi-conn only when it may have several clients.
-    proc = subprocess.Popen(["qemu-nbd", "-t", "-f", "raw", "-k", str(sock), str(img)],
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-t", "-f", "raw", "-k", str(sock), str(img)], stderr=subprocess.PIPE
+    )
     try:
         _wait_socket(sock, proc)
         s = open_nbd(f"nbd+unix:///?socket={sock}", {}, read_only=False)
@@ -314,8 +343,9 @@ def test_no_multi_conn_means_one_writable_queue(tmp_path: Path) -> None:
 
 
 def _qemu_img(*args: str) -> str:
-    return subprocess.run(["qemu-img", *args], check=True, capture_output=True,
-                          text=True, timeout=60).stdout
+    return subprocess.run(
+        ["qemu-img", *args], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vhdx", "vpc"])
@@ -351,8 +381,7 @@ def test_qcow2_discard_deallocates_and_check_is_clean(tmp_path: Path) -> None:
     try:
         q0, q1 = s.open_queue(0, 32), s.open_queue(1, 32)
         data = memoryview(bytearray(b"\x5a" * (4 * MiB)))
-        assert run(q0, [(Op.WRITE, 0, 4 * MiB, [data], 0), (Op.FLUSH, 0, 0, [], 0)]) == [
-            4 * MiB, 0]
+        assert run(q0, [(Op.WRITE, 0, 4 * MiB, [data], 0), (Op.FLUSH, 0, 0, [], 0)]) == [4 * MiB, 0]
         assert run(q1, [(Op.DISCARD, 0, 2 * MiB, [], 0), (Op.FLUSH, 0, 0, [], 0)]) == [0, 0]
         q0.close()
         q1.close()
@@ -413,8 +442,11 @@ def test_qemu_nbd_dies_with_a_killed_vblk(tmp_path: Path) -> None:
     _need("qemu-nbd")
     img = tmp_path / "k.qcow2"
     _qemu_img("create", "-f", "qcow2", str(img), "4M")
-    holder = subprocess.Popen([sys.executable, "-c", CHILD, str(img)], stdout=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(img)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     try:
         assert holder.stdout is not None
         pid = int(holder.stdout.readline())

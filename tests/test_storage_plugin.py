@@ -228,3 +228,47 @@ def test_completions_after_close_are_dropped(plugin_file: str) -> None:
     done = threading.Event()
     threading.Thread(target=lambda: (st.close(), done.set())).start()
     assert done.wait(5)
+
+
+GROWS = """
+import threading
+
+class Disk:
+    def __init__(self):
+        self.data = bytearray(8192)
+        self.resized_on = None
+
+    def size(self):
+        return len(self.data)
+
+    def pread(self, offset, buf):
+        buf[:] = self.data[offset : offset + len(buf)]
+
+    def pwrite(self, offset, buf):
+        self.data[offset : offset + len(buf)] = buf
+
+    def resize(self, size):
+        self.resized_on = threading.current_thread().name
+        if size == 512:
+            raise OSError(28, "no")
+        self.data.extend(bytes(size - len(self.data)))
+"""
+
+
+def test_resize_runs_the_class_resize_on_the_pool(tmp_path: Path, plugin_file: str) -> None:
+    (tmp_path / "grows.py").write_text(GROWS)
+    s = _open(str(tmp_path / "grows.py"), "Disk")
+    try:
+        assert s.resize(16384).size == 16384 and s.caps.size == 16384
+        assert s.disk.resized_on.startswith("vblk-plugin-")
+        with pytest.raises(StorageError, match=r"resize\(512\) failed: No space left"):
+            s.resize(512)
+        assert s.caps.size == 16384
+    finally:
+        s.close()
+    plain = _open(plugin_file, "Disk")
+    try:
+        with pytest.raises(StorageError, match="no resize"):
+            plain.resize(1 << 20)
+    finally:
+        plain.close()

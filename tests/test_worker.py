@@ -390,6 +390,7 @@ def test_every_request_timed_and_its_stages_add_up_to_backend(queues: Any) -> No
     # host_io is the storage's time plus the one reading that saw it done.
     assert snap["host_io"]["sum_ns"] == 10 * (STORAGE_NS + TICK_NS)
     assert w.stages.inflight == 0 and w.stages.pending == 0
+    assert w.snapshot()["stages"]["backend"]["count"] == 10
     w.close()
 
 

@@ -227,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-stage latency timing of one request in N per queue "
         f"(default {DEFAULT_SAMPLE_EVERY}; 1 times every request, 0 none)",
     )
+    serve.add_argument(
+        "--control",
+        metavar="PATH",
+        help="also listen for vblk ctl on this control socket (the export's id is 'disk'; "
+        "the disk is then served by a worker process the daemon restarts if it dies)",
+    )
+    from vblk.daemon import add_metrics_argument
+
+    add_metrics_argument(serve)
     _add_log_level(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -236,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     top.add_parser(sub)
     trace.add_parser(sub)
+    from vblk import ctl, daemon
+
+    daemon.add_parser(sub)
+    ctl.add_parser(sub)
     return parser
 
 
@@ -277,6 +290,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if key in opts:
             raise UsageError(f"--opt {key} given twice")
         opts[key] = value
+    if args.control or args.metrics:
+        return _serve_as_daemon(args, opts)
     storage = open_storage(
         args.spec,
         opts=opts,
@@ -335,6 +350,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         storage.close()
     log.info("stopped")
     return 0
+
+
+def _serve_as_daemon(args: argparse.Namespace, opts: dict[str, str]) -> int:
+    """``vblk serve --control/--metrics``: a daemon with the one export ``disk``."""
+    from vblk.daemon import run
+    from vblk.worker import NEVER_SAMPLE
+
+    params = {
+        "id": "disk",
+        "spec": args.spec,
+        "socket": args.socket,
+        "num_queues": args.num_queues,
+        "queue_size": args.queue_size,
+        "read_only": args.read_only,
+        "serial": args.serial,
+        "direct": args.direct,
+        "aio": args.aio,
+        "opts": opts,
+        "format": args.format,
+    }
+    defaults = {
+        "io_threads": args.io_threads,
+        "poll_us": args.poll_us,
+        "queue_threads": args.queue_threads,
+        "coalesce_us": args.coalesce_us,
+        "sample_every": args.stage_sample or NEVER_SAMPLE,
+        "create": args.create,
+    }
+    return run(
+        args.control,
+        exports=[(params, None)],
+        metrics=args.metrics,
+        log_level=args.log_level,
+        defaults=defaults,
+        socket_mode=args.socket_mode,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

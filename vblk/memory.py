@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from vblk.errors import GuestMemoryError
 
-__all__ = ["GuestMemory", "Region", "create_memfd", "map_fd", "map_sealed"]
+__all__ = ["GuestMemory", "Region", "create_memfd", "map_fd", "map_sealed", "seal_shrink"]
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,11 @@ def map_fd(fd: int, size: int, mmap_offset: int) -> tuple[memoryview, Callable[[
     if size <= 0 or mmap_offset < 0:
         raise ValueError(f"bad mapping: size {size:#x}, offset {mmap_offset:#x}")
     # Touching a page past the end of the file would kill the process with
-    # SIGBUS, so the whole range must lie inside the fd (memfd, shm, hugetlbfs).
+    # SIGBUS, so the whole range must lie inside the fd (memfd, shm, hugetlbfs),
+    # and stay there: a memfd that still allows seals is sealed against
+    # shrinking first. (QEMU's memory-backend-memfd is sealed already; an fd
+    # that refuses seals stays a risk only to the process that maps it.)
+    seal_shrink(fd)
     st = os.fstat(fd)
     if stat.S_ISBLK(st.st_mode):
         raise ValueError("guest memory fd is a block device")
@@ -192,6 +196,16 @@ def map_fd(fd: int, size: int, mmap_offset: int) -> tuple[memoryview, Callable[[
             pass  # views still exported: the mmap goes away with its last view
 
     return view, close
+
+
+def seal_shrink(fd: int) -> bool:
+    """Seal a memfd against shrinking if it allows it; whether it is sealed now."""
+    try:
+        if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        return True
+    except OSError:
+        return False  # not a memfd, or one created without MFD_ALLOW_SEALING
 
 
 def map_sealed(fd: int, size: int, mmap_offset: int) -> tuple[memoryview, Callable[[], None]]:

@@ -24,9 +24,12 @@ import stat
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from vblk.blk.device import BlockDevice
 from vblk.errors import ProtocolError, VblkError
+from vblk.qos import Throttle
+from vblk.stats.histogram import merge_snapshots
 from vblk.stats.stages import DEFAULT_SAMPLE_EVERY
 from vblk.vhost_user.backend import BackendSession, Vring
 from vblk.vhost_user.codec import (
@@ -75,11 +78,23 @@ class _ConnectionQueues:
     first queue they get and end with the connection.
     """
 
-    def __init__(self, device: BlockDevice, settings: QueueSettings) -> None:
+    def __init__(
+        self,
+        device: BlockDevice,
+        settings: QueueSettings,
+        *,
+        label: str = "vblk",
+        throttle: Throttle | None = None,
+        retired: dict[int, dict[str, Any]] | None = None,
+    ) -> None:
         self.device = device
         self.settings = settings
+        self.label = label
+        self.throttle = throttle
         self.threads: list[IOThread | None] = [None] * max(1, settings.threads)
         self.workers: dict[int, tuple[QueueWorker, IOThread]] = {}
+        # Counters of the queues that stopped, by index, so an export's totals never go back.
+        self.retired: dict[int, dict[str, Any]] = {} if retired is None else retired
 
     def start_queue(self, vring: Vring) -> None:
         # IOThreads, and the storage queues' threads, inherit a mask that blocks
@@ -90,11 +105,12 @@ class _ConnectionQueues:
             slot = vring.index % len(self.threads)
             thread = self.threads[slot]
             if thread is None:
-                thread = IOThread(f"vblk-iothread{slot}", self.settings.poll_us)
+                thread = IOThread(f"{self.label}-io{slot}", self.settings.poll_us)
                 thread.start()
                 self.threads[slot] = thread
             st = self.settings
             worker = QueueWorker(vring, self.device, st.coalesce_us, st.sample_every)
+            worker.throttle = self.throttle
             self.workers[vring.index] = (worker, thread)
             thread.add(worker)
         finally:
@@ -105,6 +121,27 @@ class _ConnectionQueues:
         if entry is not None:
             worker, thread = entry
             thread.remove(worker)
+            _add_counters(self.retired.setdefault(vring.index, {}), worker.snapshot())
+
+    def set_throttle(self, throttle: Throttle | None) -> None:
+        """Apply new rate limits to the running queues and to those started later."""
+        self.throttle = throttle
+        for worker, _ in list(self.workers.values()):
+            worker.throttle = throttle
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per-queue counters: the stopped queues' totals plus the running queues' own."""
+        live = {w.index: w.snapshot() for w, _ in list(self.workers.values())}
+        out = []
+        for index in sorted(set(live) | set(self.retired)):
+            snap: dict[str, Any] = dict(self.retired.get(index, {}))
+            _add_counters(snap, live.get(index, {}))
+            now = live.get(index, {})
+            snap["queue"] = index
+            snap["inflight"] = now.get("inflight", 0)
+            snap["held"] = now.get("held", 0)
+            out.append(snap)
+        return out
 
     def close(self) -> None:
         """End the threads (after the session has stopped every queue)."""
@@ -128,6 +165,8 @@ class Server:
         coalesce_us: int = DEFAULT_HOLD_US,
         socket_mode: int = DEFAULT_SOCKET_MODE,
         sample_every: int = DEFAULT_SAMPLE_EVERY,
+        listener: socket.socket | None = None,
+        label: str = "vblk",
     ) -> None:
         if not 0 <= socket_mode <= 0o777:
             raise ServeError(f"socket mode {socket_mode:#o} is not a permission mode (0..0777)")
@@ -135,15 +174,56 @@ class Server:
         self.queue_settings = QueueSettings(poll_us, threads, coalesce_us, sample_every)
         self.socket_path = socket_path
         self.num_queues = num_queues
+        self.label = label
         self._shutdown = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.listener = self._bind(socket_path, socket_mode)
-        st = os.lstat(socket_path)
-        self._identity = (st.st_dev, st.st_ino)  # close() removes only our own socket
+        # close() removes only our own socket; one handed to us is its owner's to remove.
+        self._identity: tuple[int, int] | None = None
+        if listener is None:
+            listener = self.bind(socket_path, socket_mode)
+            st = os.lstat(socket_path)
+            self._identity = (st.st_dev, st.st_ino)
+        self.listener = listener
+        self.listener.setblocking(False)
         self._attached = False
+        self.throttle: Throttle | None = None
+        self.retired: dict[int, dict[str, Any]] = {}
+        self.queues: _ConnectionQueues | None = None  # the attached frontend's queues
+        self.session: BackendSession | None = None  # the attached frontend's session
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def set_throttle(self, throttle: Throttle | None) -> None:
+        """Rate limits for every queue of this device, now and after reconnects."""
+        self.throttle = throttle
+        queues = self.queues
+        if queues is not None:
+            queues.set_throttle(throttle)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per-queue counters since the server started (empty before the first queue ran)."""
+        queues = self.queues
+        if queues is not None:
+            return queues.snapshot()
+        return _ConnectionQueues(self.device, self.queue_settings, retired=self.retired).snapshot()
+
+    def config_changed(self) -> bool:
+        """Tell the attached frontend the config space changed; False if none can be told.
+
+        Raises what :meth:`BackendChannel.config_changed` raises when the
+        frontend does not take or acknowledge the message in time.
+        """
+        session = self.session
+        channel = None if session is None else session.backend_channel
+        if channel is None:
+            return False
+        channel.config_changed()
+        return True
 
     @staticmethod
-    def _bind(path: str, mode: int) -> socket.socket:
+    def bind(path: str, mode: int = DEFAULT_SOCKET_MODE) -> socket.socket:
         """Listen on ``path`` with permission bits ``mode``.
 
         The socket is bound in a private (0700) directory next to ``path``,
@@ -210,14 +290,8 @@ class Server:
 
     def close(self) -> None:
         self.listener.close()
-        try:
-            st = os.lstat(self.socket_path)
-            if (st.st_dev, st.st_ino) == self._identity:
-                os.unlink(self.socket_path)
-            else:
-                log.warning("%s is no longer our socket; leaving it", self.socket_path)
-        except FileNotFoundError:
-            pass
+        if self._identity is not None:
+            remove_socket(self.socket_path, self._identity)
         try:
             self.device.flush_now()
         except OSError as e:
@@ -270,10 +344,17 @@ class Server:
         log.warning("refused a second frontend: a frontend is already attached")
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        queues = _ConnectionQueues(self.device, self.queue_settings)
+        queues = _ConnectionQueues(
+            self.device,
+            self.queue_settings,
+            label=self.label,
+            throttle=self.throttle,
+            retired=self.retired,
+        )
         session = BackendSession(
             self.device, queues, num_queues=self.num_queues, max_queue_size=self.device.queue_size
         )
+        self.queues, self.session = queues, session
         reader = MessageReader()
         try:
             while self._wait_readable(conn.fileno()):
@@ -300,8 +381,10 @@ class Server:
             log.exception("dropping frontend after an internal error")
         finally:
             reader.close()
+            self.session = None
             session.close()
             queues.close()
+            self.queues = None
 
     def _recv_message(self, conn: socket.socket) -> tuple[bytes | None, list[int]]:
         """Read exactly one message: its header (with any fds), then its payload.
@@ -375,6 +458,37 @@ def _send_reply(conn: socket.socket, msg: Message) -> None:
         ) from None
     finally:
         conn.settimeout(None)
+
+
+def _add_counters(into: dict[str, Any], more: dict[str, Any]) -> None:
+    """Sum the counters of ``more`` into ``into`` and merge its stage histograms (not gauges)."""
+    for key, value in more.items():
+        if key not in ("queue", "inflight", "held") and type(value) is int:
+            into[key] = into.get(key, 0) + value
+    stages = more.get("stages")
+    if isinstance(stages, dict):
+        mine = into.get("stages") or {}
+        into["stages"] = {
+            name: merge_snapshots([mine[name], snap]) if name in mine else snap
+            for name, snap in stages.items()
+        }
+
+
+def remove_socket(path: str, identity: tuple[int, int]) -> None:
+    """Unlink ``path`` if it is still the socket ``identity`` (st_dev, st_ino) names."""
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+        else:
+            log.warning("%s is no longer our socket; leaving it", path)
+    except FileNotFoundError:
+        pass
+
+
+def socket_identity(path: str) -> tuple[int, int]:
+    st = os.lstat(path)
+    return (st.st_dev, st.st_ino)
 
 
 def _readable_now(fd: int) -> bool:

@@ -22,13 +22,15 @@ import select
 import threading
 import time
 from collections import deque
-from typing import cast
+from typing import Any, cast
 
 from vblk.blk.defs import HEADER_SIZE, SECTOR_SHIFT, ReqType
 from vblk.blk.device import BlockDevice, DataRequest, Pending, Stats
 from vblk.blk.request import HEADER
 from vblk.io.timer import Timer
 from vblk.io.uring import clear_eventfd
+from vblk.procname import set_thread_name
+from vblk.qos import Throttle
 from vblk.stats.stages import (
     DEFAULT_SAMPLE_EVERY,
     KIND_DISCARD,
@@ -99,6 +101,12 @@ class QueueWorker:
         self.stages = QueueStages(self.queue.size, sample_every)
         self._countdown = sample_every
         self.clock = time.monotonic_ns  # the stages' clock (tests use a fake one)
+        # The export's rate limits, shared by its queues (None: unlimited, one check per pop).
+        self.throttle: Throttle | None = None
+        self.throttled_until = 0  # monotonic ns the throttle asked us to wait until; 0: not
+        self.throttle_waits = 0
+        self.read_ops = 0
+        self.write_ops = 0
 
     @property
     def index(self) -> int:
@@ -125,17 +133,27 @@ class QueueWorker:
             q.disable_notifications()
             st.wake_ns = clock()  # queue_wait of what this pass pops counts from here
             while True:
+                throttle = self.throttle
+                if throttle is not None and self._throttled(throttle):
+                    self._countdown = countdown
+                    return False  # kicks stay off: the IOThread's timer brings us back
                 chain = q.pop()
                 if chain is None:
                     break
                 countdown -= 1
                 if not countdown:
                     countdown = st.sample_every
-                    if not self._timed(chain):
+                    if not self._timed(chain, throttle):
                         break
                 else:
                     started = start(chain, stats)
                     if isinstance(started, DataRequest):
+                        if started.op:
+                            self.write_ops += 1
+                        else:
+                            self.read_ops += 1
+                        if throttle is not None:
+                            throttle.account(started.op == 1, started.nbytes, time.monotonic_ns())
                         submit(started.op, started.offset, started.nbytes, started.bufs, 0, started)
                     elif isinstance(started, int):
                         q.push(chain.head, started)
@@ -162,7 +180,7 @@ class QueueWorker:
             if not q.enable_notifications():
                 return False
 
-    def _timed(self, chain: Chain) -> bool:
+    def _timed(self, chain: Chain, throttle: Throttle | None) -> bool:
         """:meth:`drain`'s work for one sampled chain, with its stage timestamps; False: broken."""
         st = self.stages
         clock = self.clock
@@ -175,6 +193,12 @@ class QueueWorker:
             return False
         st.popped(head, popped)
         if isinstance(started, DataRequest):
+            if started.op:
+                self.write_ops += 1
+            else:
+                self.read_ops += 1
+            if throttle is not None:
+                throttle.account(started.op == 1, started.nbytes, time.monotonic_ns())
             kind = KIND_WRITE if started.op else KIND_READ
             st.submitted(head, clock(), kind, started.offset, started.nbytes)
             self.engine.submit(started.op, started.offset, started.nbytes, started.bufs, 0, started)
@@ -186,6 +210,40 @@ class QueueWorker:
             st.submitted(head, clock(), *_pending_args(started))
             self.device.begin(started, self.engine)
         return True
+
+    def _throttled(self, throttle: Throttle) -> bool:
+        """Whether the rate limits hold the next request back; if so, until when."""
+        now = time.monotonic_ns()
+        wait = throttle.delay_ns(now)
+        if not wait:
+            return False
+        self.engine.commit()
+        self.complete()
+        self.throttled_until = now + wait
+        self.throttle_waits += 1
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """The queue's counters so far (read from any thread; each value is one int read)."""
+        st = self.stats
+        return {
+            "queue": self.vring.index,
+            "requests": st.requests,
+            "read_ops": self.read_ops,
+            "write_ops": self.write_ops,
+            "read_bytes": st.read_bytes,
+            "write_bytes": st.write_bytes,
+            "flushes": st.flushes,
+            "discards": st.discards,
+            "write_zeroes": st.write_zeroes,
+            "errors": st.ioerr + st.unsupp,
+            "kicks": self.kicks,
+            "interrupts": self.interrupts,
+            "inflight": self.engine.inflight,
+            "held": self.coalescer.held,
+            "throttle_waits": self.throttle_waits,
+            "stages": self.stages.snapshot(),
+        }
 
     def complete(self) -> None:
         """Reap the storage queue: status bytes, used ring, and an interrupt now or soon.
@@ -333,6 +391,7 @@ class IOThread:
         self._serving: list[QueueWorker] = []  # workers whose kicks are watched
         self._leaving: list[_Leaving] = []
         self._busy: list[QueueWorker] = []  # stopped on their budget with work left
+        self._throttled: list[QueueWorker] = []  # held back by rate limits until a deadline
         self._timer = Timer()  # wakes the loop when a held interrupt is due
         self._poller.register(self._timer.fd, select.POLLIN)
         self._coalescing = False  # some worker may hold interrupts
@@ -387,6 +446,7 @@ class IOThread:
     # -- the loop ----------------------------------------------------------------
 
     def _run(self) -> None:
+        set_thread_name(self.name)
         try:
             self._loop()
         except Exception:
@@ -406,6 +466,10 @@ class IOThread:
             if self._requests:
                 self._apply_requests()
             due = self._release_due(now()) if self._coalescing else 0
+            if self._throttled:
+                resume = self._resume_throttled(now())
+                if resume and (not due or resume < due):
+                    due = resume
             if self._busy:
                 ready = self._busy
                 reaped: list[QueueWorker] = []
@@ -481,6 +545,9 @@ class IOThread:
                     w.complete()
                 elif w.drain(self.budget):
                     self._busy.append(w)
+                elif w.throttled_until:
+                    if w not in self._throttled:
+                        self._throttled.append(w)
                 elif w.queue.broken is not None:
                     self._unwatch_kick(w)
             except Exception:
@@ -512,6 +579,20 @@ class IOThread:
                         w.notify()
                     except Exception:
                         self._failed(w)
+            elif not next_at or at < next_at:
+                next_at = at
+        return next_at
+
+    def _resume_throttled(self, now: int) -> int:
+        """Queue the rate-limited workers whose wait is over; the next deadline (0 if none)."""
+        next_at = 0
+        for w in self._throttled[:]:
+            at = w.throttled_until
+            if at <= now:
+                w.throttled_until = 0
+                self._throttled.remove(w)
+                if w in self._serving and w not in self._busy:
+                    self._busy.append(w)
             elif not next_at or at < next_at:
                 next_at = at
         return next_at
@@ -577,6 +658,9 @@ class IOThread:
                 self._poller.unregister(kick)
         if worker in self._busy:
             self._busy.remove(worker)
+        if worker in self._throttled:
+            self._throttled.remove(worker)
+            worker.throttled_until = 0
         try:
             worker.flush()  # no deadline is watched from now on: what is held goes now
         except Exception:

@@ -33,7 +33,7 @@ from vblk.blk.defs import (
 )
 from vblk.blk.request import HEADER, BlkRequest, RequestError, parse_request
 from vblk.io.image import advance
-from vblk.storage.base import FLAG_UNMAP, Op, Storage, StorageQueue
+from vblk.storage.base import FLAG_UNMAP, Capabilities, Op, Storage, StorageQueue
 from vblk.storage.sync import ControlQueue, wait
 from vblk.virtio import defs as vdefs
 from vblk.virtio.queue import Chain
@@ -209,6 +209,12 @@ class BlockDevice:
             if self._discards:
                 bits.append(Feature.DISCARD)
         return sum(1 << int(b) for b in bits)
+
+    def resized(self, caps: Capabilities) -> None:
+        """The storage changed size: capacity and config space follow (the features do not)."""
+        self.caps = caps
+        self.capacity = caps.size >> SECTOR_SHIFT
+        self.config.capacity = self.capacity
 
     def flush_now(self) -> None:
         """Flush the storage and wait (never on an I/O thread); OSError if it fails."""

@@ -1,6 +1,6 @@
 """``vblk ctl export-stats``'s stage table and SVG: percentiles since each queue started.
 
-One row per export and queue (and the export's total): each stage's
+One row per export, queue (and the export's total) and stage: its
 p50/p99/p99.9 over every request timed so far, with the timed count. The
 SVG is the path picture of :mod:`vblk.stats.svg` labelled with one export's
 total. Input is untrusted JSON; anything malformed reads as missing.
@@ -17,30 +17,28 @@ from vblk.stats.svg import path_labels, path_svg
 from vblk.stats.view import ExportView, export_views, fmt_ns
 
 
-def _cell(view_stage: Any) -> str:
-    if not view_stage or view_stage["count"] <= 0:
-        return "-"
-    return " / ".join(fmt_ns(view_stage[k]) for k in ("p50_ns", "p99_ns", "p999_ns"))
-
-
 def stage_rows(stats: Any) -> list[list[str]]:
-    """Rows of export, queue, timed count, then p50 / p99 / p99.9 of each stage."""
+    """Rows of export, queue, stage, timed count, p50, p99 and p99.9."""
     rows: list[list[str]] = []
     for e in export_views(None, stats, 0):
         for q in [*e["queues"], e["total"]]:
-            st = q["stages"]
-            count = st["backend"]["count"] if "backend" in st else 0
-            rows.append([e["id"], q["queue"], str(count), *(_cell(st.get(s)) for s in STAGES)])
+            for stage in STAGES:
+                v = q["stages"].get(stage)
+                if v is None or v["count"] <= 0:
+                    rows.append([e["id"], q["queue"], stage, "0", "-", "-", "-"])
+                    continue
+                cells = (fmt_ns(v[k]) for k in ("p50_ns", "p99_ns", "p999_ns"))
+                rows.append([e["id"], q["queue"], stage, str(v["count"]), *cells])
     return rows
 
 
 def stage_table(stats: Any) -> Table:
-    """The rich table of :func:`stage_rows`."""
-    t = Table(title="stage latency since start, p50 / p99 / p99.9 (sampled requests)")
-    for col in ("export", "queue", "timed", *STAGES):
-        t.add_column(col, justify="left" if col == "export" else "right")
-    for row in stage_rows(stats):
-        t.add_row(*row)
+    """The rich table of :func:`stage_rows`, one section per queue."""
+    t = Table(title="stage latency of the timed (sampled) requests since start")
+    for col in ("export", "queue", "stage", "timed", "p50", "p99", "p99.9"):
+        t.add_column(col, justify="left" if col in ("export", "stage") else "right")
+    for i, row in enumerate(stage_rows(stats)):
+        t.add_row(*row, end_section=(i + 1) % len(STAGES) == 0)
     return t
 
 

@@ -412,8 +412,9 @@ def open_nbd(uri: str, opts: dict[str, str], read_only: bool) -> NbdStorage:
     if unknown:
         raise StorageError(f"{uri}: unknown option {sorted(unknown)[0]!r} (NBD takes: timeout)")
     if not uri.startswith(_URI_SCHEMES):
-        raise StorageError(f"{uri}: not an NBD URI (nbd://HOST[:PORT]/EXPORT or "
-                           "nbd+unix:///EXPORT?socket=PATH)")
+        raise StorageError(
+            f"{uri}: not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)"
+        )
     timeout = _timeout(opts)
 
     def connect() -> nbd.NBD:
@@ -438,12 +439,18 @@ class _QemuNbd:
             self.first.connect(self.socket)  # waits in the backlog until qemu-nbd accepts it
             argv = [
                 "qemu-nbd",
-                "--format", fmt,
-                "--shared", "0",
-                "--cache", opts.get("cache", "writeback"),
-                "--aio", opts.get("aio", "threads"),
-                "--discard", opts.get("discard", "unmap"),
-                "--detect-zeroes", opts.get("detect-zeroes", "off"),
+                "--format",
+                fmt,
+                "--shared",
+                "0",
+                "--cache",
+                opts.get("cache", "writeback"),
+                "--aio",
+                opts.get("aio", "threads"),
+                "--discard",
+                opts.get("discard", "unmap"),
+                "--detect-zeroes",
+                opts.get("detect-zeroes", "off"),
             ]
             if read_only:
                 argv.append("--read-only")

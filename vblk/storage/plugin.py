@@ -2,10 +2,12 @@
 
 The class needs only ``size()`` and ``pread(offset, buf)``; each optional
 method it has (``pwrite``, ``flush``, ``discard``, ``write_zeroes``) turns
-the matching feature on. Optional attributes: ``block_size`` (default 512)
-and ``thread_model``: ``"serialize"`` (default; one call at a time, on one
-thread) or ``"parallel"`` (a pool of ``threads`` threads, default 4, so the
-class must be thread-safe). Calls never run on an I/O thread: a pool runs
+the matching feature on; ``resize(size)`` lets ``export-resize`` change
+``size()`` at run time (it runs on the pool, like every other call).
+Optional attributes: ``block_size`` (default 512) and ``thread_model``:
+``"serialize"`` (default; one call at a time, on one thread) or
+``"parallel"`` (a pool of ``threads`` threads, default 4, so the class must
+be thread-safe). Calls never run on an I/O thread: a pool runs
 them and hands completions back through a :class:`CompletionChannel`.
 
 An exception from a method fails that request alone (VIRTIO_BLK_S_IOERR;
@@ -20,9 +22,10 @@ import errno
 import importlib.util
 import logging
 import os
+import select
 import threading
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, cast
 
 from vblk.storage.base import (
     FLAG_UNMAP,
@@ -42,6 +45,10 @@ THREAD_MODELS = ("serialize", "parallel")
 DEFAULT_THREADS = 4
 MAX_BLOCK_SIZE = 1 << 16
 _READ, _WRITE, _FLUSH, _DISCARD, _ZEROES = (int(o) for o in Op)
+#: Not a StorageQueue operation: resize() hands the class's resize to the pool with it.
+_RESIZE = -1
+#: How long export-resize waits for a plugin's resize().
+RESIZE_TIMEOUT = 60.0
 
 _Work = tuple["_PluginQueue", int, int, int, list[memoryview], int, object]
 
@@ -142,7 +149,30 @@ class PluginStorage:
         return _PluginQueue(self)
 
     def resize(self, size: int) -> Capabilities:
-        raise StorageError(f"{self.label}: a python plugin cannot be resized")
+        """Call the class's ``resize(size)`` on the pool, then read ``size()`` again."""
+        if not callable(getattr(self.disk, "resize", None)):
+            raise StorageError(f"python plugin {self.label} cannot be resized (it has no resize())")
+        if not self.caps.writable:
+            raise StorageError(f"python plugin {self.label}: read-only")
+        queue = self.open_queue(-1, 1)
+        try:
+            queue.submit(_RESIZE, size, 0, [], 0, None)
+            channel = cast(_PluginQueue, queue).channel
+            assert channel.fd is not None
+            ready, _, _ = select.select([channel.fd], [], [], RESIZE_TIMEOUT)
+            if not ready:
+                raise StorageError(
+                    f"python plugin {self.label}: resize() took over {RESIZE_TIMEOUT:.0f}s"
+                )
+            [(_, result)] = queue.reap()
+        finally:
+            queue.close()
+        if result < 0:
+            raise StorageError(
+                f"python plugin {self.label}: resize({size}) failed: {os.strerror(-result)}"
+            )
+        self.caps = self._caps(not self.caps.writable)
+        return self.caps
 
     def close(self) -> None:
         with self._lock:
@@ -187,6 +217,8 @@ class PluginStorage:
                 disk.discard(offset, length)
             elif op == _ZEROES:
                 disk.write_zeroes(offset, length, bool(flags & FLAG_UNMAP))
+            elif op == _RESIZE:
+                disk.resize(offset)
             else:
                 return -errno.EINVAL
             return 0

@@ -24,6 +24,7 @@ from typing import Protocol
 from vblk.blk.config import BlkConfig, min_direct_ring
 from vblk.errors import GuestMemoryError, QueueError, VblkError
 from vblk.memory import GuestMemory, create_memfd, map_fd, map_sealed
+from vblk.vhost_user.backend_channel import BackendChannel
 from vblk.vhost_user.codec import (
     U64,
     Config,
@@ -58,6 +59,7 @@ PROTOCOL_FEATURES = (
     | 1 << ProtocolFeature.CONFIG
     | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
     | 1 << ProtocolFeature.INFLIGHT_SHMFD
+    | 1 << ProtocolFeature.BACKEND_REQ
 )
 #: Memory slots offered with CONFIGURE_MEM_SLOTS (libvhost-user offers 32 too).
 MAX_MEM_SLOTS = 32
@@ -237,7 +239,9 @@ class BackendSession:
             Request.REM_MEM_REG: self._rem_mem_reg,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
         }
+        self.backend_channel: BackendChannel | None = None
         # fds a handler decided to keep; every other fd of a message is closed.
         self._kept: set[int] = set()
 
@@ -299,6 +303,7 @@ class BackendSession:
         self.memory.clear()
         self._drop_inflight()
         self._drop_offer()
+        self._drop_backend_channel()
 
     # -- features -------------------------------------------------------------
 
@@ -723,6 +728,28 @@ class BackendSession:
         assert isinstance(cfg, Config)
         if not self.device.write_config(cfg.offset, cfg.data):
             raise _Reject(f"config write of {cfg.size} bytes at {cfg.offset} is not allowed")
+
+    # -- back-end request channel ---------------------------------------------
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        """Keep the socket on which we tell the frontend of config changes."""
+        if not self.acked_protocol_features & (1 << ProtocolFeature.BACKEND_REQ):
+            raise _Reject("BACKEND_REQ was not negotiated")
+        if len(msg.fds) != 1:
+            raise _Reject(f"expected one fd, got {len(msg.fds)}")
+        try:
+            channel = BackendChannel(msg.fds[0], reply_ack=self._reply_ack)
+        except (OSError, VblkError) as e:
+            raise _Reject(str(e)) from None
+        self._kept.add(msg.fds[0])
+        self._drop_backend_channel()
+        self.backend_channel = channel
+        log.info("backend request channel set")
+
+    def _drop_backend_channel(self) -> None:
+        channel, self.backend_channel = self.backend_channel, None
+        if channel is not None:
+            channel.close()
 
 
 _U64_REPLIES = frozenset(

@@ -101,3 +101,11 @@ MAX_FDS = 8
 MEM_TABLE_MAX_REGIONS = 8
 #: Largest device config space GET/SET_CONFIG may carry.
 CONFIG_SPACE_MAX = 256
+
+
+class BackendRequest(IntEnum):
+    """Back-end message codes, sent on the channel SET_BACKEND_REQ_FD hands over."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
