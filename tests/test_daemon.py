@@ -417,3 +417,12 @@ def test_stage_stats_and_a_trace_of_a_live_export(daemon: Daemon) -> None:
     metrics = daemon.metrics()
     key = ("vblk_stage_seconds_count", (("export", "t"), ("queue", "0"), ("stage", "host_io")))
     assert metrics[key] == stages["host_io"]["count"]
+    svg = daemon.tmp / "path.svg"
+    out = subprocess.run(
+        [sys.executable, "-m", "vblk", "ctl", "--control", str(daemon.control), "export-stats",
+         "id=t", "--svg", str(svg)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "120"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "p99.9" in out.stdout and "host_io" in out.stdout
+    assert svg.read_text().startswith("<svg") and "vblk export t" in svg.read_text()
