@@ -26,6 +26,8 @@ from vblk.control import jsonrpc as rpc
 from vblk.control.methods import METHODS
 
 MiB = 1 << 20
+#: The daemon's half-message timeout in these tests (10 s by default).
+MESSAGE_TIMEOUT = 2
 
 
 class Daemon:
@@ -97,6 +99,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         [sys.executable, "-m", "vblk", "daemon", "--control", str(control),
          "--metrics", f"127.0.0.1:{port}", "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "daemon.log", "wb"),
+        env=os.environ | {"VBLK_CONTROL_MESSAGE_TIMEOUT": str(MESSAGE_TIMEOUT)},
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while not control.exists():
@@ -272,7 +275,7 @@ def test_hostile_control_clients(daemon: Daemon) -> None:
         t.join(60)
     assert len(results) == 10
     _io(daemon.tmp / "a.sock", 4)
-    # The half messages are dropped after the message timeout (10 s).
+    # The half messages are dropped after the message timeout.
     hanging[0].settimeout(30)
     assert hanging[0].recv(10) == b""
     for s in hanging:
@@ -426,3 +429,51 @@ def test_stage_stats_and_a_trace_of_a_live_export(daemon: Daemon) -> None:
     assert out.returncode == 0, out.stderr
     assert "p99.9" in out.stdout and "host_io" in out.stdout
     assert svg.read_text().startswith("<svg") and "vblk export t" in svg.read_text()
+
+
+def test_a_frontend_that_stops_reading_replies_does_not_stall_the_data_path(
+    daemon: Daemon,
+) -> None:
+    daemon.add("a")
+    flood_blocked = threading.Event()
+    with client.connect(str(daemon.tmp / "a.sock"), timeout=30) as dev:
+        raw = dev._sock.dup()  # the frontend's control socket, to misuse
+        raw.settimeout(3)
+
+        def flood() -> None:
+            # GET_FEATURES (1), version flag, no payload: each asks for a reply never read.
+            msg = (1).to_bytes(4, "little") + (1).to_bytes(4, "little") + bytes(4)
+            try:
+                for _ in range(1 << 20):
+                    raw.sendall(msg * 64)
+            except TimeoutError:
+                flood_blocked.set()  # the backend stopped reading: its replies are stuck
+            except OSError:
+                pass
+
+        flooder = threading.Thread(target=flood)
+        # The client treats bytes on its control socket as a reply under way while its
+        # control lock is held; they are the replies this test refuses to read.
+        with dev._ctl_lock:
+            flooder.start()
+            assert flood_blocked.wait(60), "the backend kept reading without replying"
+            t0 = time.monotonic()
+            pattern = os.urandom(4096)
+            for i in range(64):
+                dev.write(i * 4096, pattern)
+                assert dev.read(i * 4096, 4096) == pattern
+            assert time.monotonic() - t0 < 20
+            stats = daemon.call("export-stats", id="a")["exports"][0]
+            assert stats["total"]["write_ops"] >= 64
+        flooder.join(30)
+        raw.close()
+        dev._sock.shutdown(socket.SHUT_RDWR)  # hang up; close() has nothing left to say
+    # Once that frontend is gone, the export takes the next one.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            _io(daemon.tmp / "a.sock", 4)
+            break
+        except (OSError, client.VblkError) as e:
+            assert time.monotonic() < deadline, e
+            time.sleep(0.5)

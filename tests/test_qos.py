@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from vblk.qos import Limits, Throttle
+from vblk.qos import MIN_WAIT_NS, Limits, Throttle
 
 S = 1_000_000_000
 
 
-def _run(t: Throttle, seconds: float, write: bool = False, nbytes: int = 4096) -> int:
-    """Start requests as fast as the throttle allows; how many started."""
+def _run(
+    t: Throttle, seconds: float, write: bool = False, nbytes: int = 4096, late_ns: int = 0
+) -> int:
+    """Start requests as fast as the throttle allows (waking ``late_ns`` late); how many."""
     now, end, n = 0, int(seconds * S), 0
     while now < end:
         d = t.delay_ns(now)
         if d:
-            now += d
+            now += d + late_ns
             continue
         t.account(write, nbytes, now)
         n += 1
@@ -71,3 +73,17 @@ def test_time_going_backwards_is_ignored() -> None:
     t = Throttle(Limits(iops=10), S)
     t.account(False, 1, S)
     assert t.delay_ns(0) == 0
+
+
+def test_late_wake_ups_are_made_up_and_waits_are_batched() -> None:
+    # Every wake-up 0.3 ms late (a busy host): the rate still holds.
+    t = Throttle(Limits(iops=1500), 0)
+    assert 15000 <= _run(t, 10, late_ns=300_000) <= 15000 + 150 + 8
+    # A held-back queue waits at least MIN_WAIT_NS, then starts several requests.
+    t = Throttle(Limits(iops=1500), 0)
+    _run(t, 0.2)
+    assert t.waits <= 0.2 * S / MIN_WAIT_NS + 1  # not one per request (about 150)
+    # But never so long that a small bucket empties meanwhile.
+    t = Throttle(Limits(iops=1000, burst_seconds=0.002), 0)
+    assert t.min_wait_ns == 1_000_000
+    assert 1000 <= _run(t, 1, late_ns=100_000) <= 1000 + 4

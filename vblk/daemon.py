@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 #: The longest request line accepted.
 MAX_LINE = 1 << 20
-#: A client that starts a line must finish it within this time.
+#: A client that starts a line must finish it within this time (seconds; the environment
+#: variable VBLK_CONTROL_MESSAGE_TIMEOUT overrides it, for tests that wait for the drop).
 MESSAGE_TIMEOUT = 10.0
 #: A client that sends nothing for this long is disconnected.
 IDLE_TIMEOUT = 600.0
@@ -83,6 +84,21 @@ class _Handle:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment; ``default`` if unset or not one."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        log.warning("%s=%r is not a number of seconds in (0, 3600]; using %g", name, text, default)
+        return default
+    return value
+
+
 class Daemon:
     """The control socket, the exports' workers, and their supervision."""
 
@@ -98,6 +114,7 @@ class Daemon:
         self.log_level = log_level
         self.defaults = defaults or {}  # serve-level settings for every export
         self.socket_mode = socket_mode  # of the exports' sockets
+        self.message_timeout = _env_seconds("VBLK_CONTROL_MESSAGE_TIMEOUT", MESSAGE_TIMEOUT)
         self.exports: dict[str, _Handle] = {}
         self._lock = threading.Lock()  # export-add and export-remove, one at a time
         self._shutdown = False
@@ -211,7 +228,7 @@ class Daemon:
         poller.register(conn.fileno(), select.POLLIN)
         poller.register(self._wake, select.POLLIN)
         while not self._shutdown:
-            timeout = MESSAGE_TIMEOUT if buf else IDLE_TIMEOUT
+            timeout = self.message_timeout if buf else IDLE_TIMEOUT
             deadline = time.monotonic() + timeout
             ready = False
             while not ready and not self._shutdown:

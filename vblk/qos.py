@@ -7,6 +7,14 @@ its rate, at least one request's worth), new requests wait; the one that went
 over is never held back, so a request larger than the bucket still passes.
 Only reads and writes are counted, as in QEMU. 0 means unlimited.
 
+A held-back queue waits at least :data:`MIN_WAIT_NS` (at most half the
+bucket), then starts every request the drained bucket allows in one go.
+The rate is the same (the bucket drains with real time, so waiting longer
+than needed is made up by the next batch), but a queue at 1500 IOPS wakes
+250 times a second instead of 1500, and the driver gets a handful of
+completions per interrupt: under a busy host, the wake-up per request cost
+a throttled guest most of its limit.
+
 Pure: time is passed in (monotonic nanoseconds), so it is tested with a
 fake clock. The worker asks :meth:`Throttle.delay_ns` before popping and
 calls :meth:`Throttle.account` for each read or write it starts.
@@ -21,6 +29,8 @@ __all__ = ["DEFAULT_BURST_SECONDS", "Limits", "Throttle"]
 #: QEMU's default bucket: a tenth of a second of the rate.
 DEFAULT_BURST_SECONDS = 0.1
 _NS = 1_000_000_000
+#: The shortest wait of a held-back queue (see above).
+MIN_WAIT_NS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,8 @@ class Throttle:
             (limits.write_bps, False, True, True),
         )
         self._buckets = [_Bucket(r, b, rd, wr, by) for r, rd, wr, by in spec if r > 0]
+        # Never so long that the bucket could empty meanwhile: its drain would be lost.
+        self.min_wait_ns = min(MIN_WAIT_NS, int(b * _NS) // 2)
         self._last = now_ns
         self.waits = 0  # times a queue was told to wait (for the stats)
 
@@ -101,6 +113,8 @@ class Throttle:
                 wait = w
         if wait:
             self.waits += 1
+            if wait < self.min_wait_ns:
+                wait = self.min_wait_ns
         return wait
 
     def account(self, write: bool, nbytes: int, now_ns: int) -> None:
