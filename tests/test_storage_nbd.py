@@ -456,3 +456,50 @@ def test_large_writes_fill_the_socket_and_keep_flowing(tmp_path: Path) -> None:
         q.close()
     finally:
         s.close()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize(
+    "sig,guest", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["SIGINT-guest", "SIGTERM"]
+)
+def test_serve_qcow2_stops_cleanly_on_a_signal_to_its_process_group(
+    tmp_path: Path, sig: signal.Signals, guest: bool
+) -> None:
+    """A terminal's Ctrl-C reaches the whole group: vblk still flushes, stops qemu-nbd, exits 0."""
+    _need("qemu-nbd")
+    from vblk import client
+
+    img = tmp_path / "g.qcow2"
+    _qemu_img("create", "-f", "qcow2", str(img), "16M")
+    sock = tmp_path / "vblk.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vblk", "serve", str(img), "--socket", str(sock),
+         "--num-queues", "2"],
+        stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_socket(sock, proc)
+        (qemu_nbd,) = _children(proc.pid)
+        data = bytes(range(256)) * 256
+        if guest:
+            dev = client.connect(str(sock), num_queues=2, timeout=20)
+            dev.write(MiB, data)  # no flush: the final flush must make it durable
+        os.killpg(proc.pid, sig)
+        assert proc.stderr is not None
+        rc, err = proc.wait(30), proc.stderr.read().decode()
+        if guest:
+            dev.close()
+    finally:
+        stop(proc)
+    assert rc == 0, err
+    assert "error" not in err.lower(), err
+    with pytest.raises(ProcessLookupError):
+        os.kill(qemu_nbd, 0)
+    _qemu_img("check", str(img))
+    if guest:
+        raw = tmp_path / "g.raw"
+        _qemu_img("convert", "-O", "raw", str(img), str(raw))
+        assert raw.read_bytes()[MiB : MiB + len(data)] == data

@@ -449,7 +449,9 @@ class _QemuNbd:
                 argv.append("--read-only")
             argv.append(os.path.abspath(path))
             # The listener comes in as stdin and goes to fd 3, as socket activation wants;
-            # LISTEN_PID must be qemu-nbd's own pid: sh's $$ survives the exec.
+            # LISTEN_PID must be qemu-nbd's own pid: sh's $$ survives the exec. Its own
+            # session: a terminal's Ctrl-C signals vblk's process group, and vblk, not the
+            # child, decides when the image is done (after the final flush).
             script = f"LISTEN_PID=$$ LISTEN_FDS=1 exec {shlex.join(argv)} 3<&0 </dev/null"
             try:
                 self.proc = subprocess.Popen(
@@ -458,6 +460,7 @@ class _QemuNbd:
                     stdout=subprocess.DEVNULL,
                     stderr=self._stderr,
                     env={k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")},
+                    start_new_session=True,
                 )
             except OSError as e:
                 self.first.close()
