@@ -539,6 +539,8 @@ class NbdStorage:
         first = connect()
         self.caps, self.multi_conn = _caps(first, read_only)
         self._shared = None if self.multi_conn else _SharedConnection(description, first)
+        if self._shared is not None:
+            log.info("%s: no multi-conn; all queues share one connection", description)
         # A child qemu-nbd exits when its last client goes: its first connection (shared, or
         # else never handed to a queue and idle) stays open while the storage lives.
         own = self.multi_conn
