@@ -307,8 +307,9 @@ def test_no_multi_conn_shares_one_connection_between_queues(tmp_path: Path) -> N
     img.write_bytes(bytes(16 * MiB))
     sock = tmp_path / "q.sock"
     # qemu-nbd advertises multi-conn only when it may have several clients; here one only,
-    # so a second connection would wait forever in its handshake.
-    proc = subprocess.Popen(["qemu-nbd", "-t", "-f", "raw", "-k", str(sock), str(img)],
+    # so a second connection would wait forever in its handshake. Without --persistent it
+    # exits when that client goes.
+    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), str(img)],
                             stderr=subprocess.PIPE)
     try:
         _wait_socket(sock, proc)
@@ -366,6 +367,7 @@ def test_no_multi_conn_shares_one_connection_between_queues(tmp_path: Path) -> N
                 q.close()
         finally:
             s.close()
+        assert proc.wait(10) == 0, "vblk's connection outlived the storage"
     finally:
         stop(proc)
 

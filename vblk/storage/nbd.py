@@ -386,7 +386,7 @@ class _SharedConnection:
 
     def __init__(self, description: str, h: nbd.NBD) -> None:
         self.description = description
-        self.h = h
+        self.h: Any = h
         self._sock = h.aio_get_fd()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop = False
@@ -421,6 +421,7 @@ class _SharedConnection:
             self._thread = None
         os.close(self._wake)
         _disconnect(self.h)
+        self.h = None  # the socket closes with the handle's last reference
 
     def _run(self) -> None:
         h, sock, wake = self.h, self._sock, self._wake
