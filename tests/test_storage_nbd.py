@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 from helpers import stop
 
 from vblk.storage import FLAG_FUA, FLAG_UNMAP, Completion, Op, StorageError
-from vblk.storage.nbd import NbdQueue, NbdStorage, open_image, open_nbd
+from vblk.storage.nbd import NbdQueue, NbdStorage, SharedNbdQueue, open_image, open_nbd
 
 pytestmark = pytest.mark.interop
 
@@ -67,16 +68,23 @@ def nbdkit(tmp_path: Path) -> Iterator[object]:
         stop(p)
 
 
-def run(q: NbdQueue, ops: list[tuple[int, int, int, list[memoryview], int]]) -> list[int]:
+def run(q: NbdQueue | SharedNbdQueue, ops: list[tuple[int, int, int, list[memoryview], int]]
+        ) -> list[int]:
     """Submit every op at once, commit, then poll and reap as the I/O thread does."""
     for i, (op, offset, length, bufs, flags) in enumerate(ops):
         q.submit(op, offset, length, bufs, flags, i)
     q.commit()
+    results = collect(q, len(ops))
+    return [results[i] for i in range(len(ops))]
+
+
+def collect(q: NbdQueue | SharedNbdQueue, n: int) -> dict[object, int]:
+    """Poll and reap until ``n`` operations have completed; nothing may be left in flight."""
     assert q.fd is not None
     results: dict[object, int] = {}
     deadline = time.monotonic() + 30
-    while len(results) < len(ops):
-        assert time.monotonic() < deadline, f"only {len(results)} of {len(ops)} completed"
+    while len(results) < n:
+        assert time.monotonic() < deadline, f"only {len(results)} of {n} completed"
         r, _, _ = select.select([q.fd], [], [], 1.0)
         if r:
             q.clear_signal()
@@ -85,7 +93,7 @@ def run(q: NbdQueue, ops: list[tuple[int, int, int, list[memoryview], int]]) -> 
             assert token not in results
             results[token] = res
     assert q.inflight == 0
-    return [results[i] for i in range(len(ops))]
+    return results
 
 
 def pattern(seed: int, n: int) -> bytes:
@@ -121,13 +129,8 @@ def exercise(storage: NbdStorage, size: int) -> None:
         if storage.caps.discard:
             assert run(q, [(Op.DISCARD, 4 * bs, 4 * bs, [], 0)]) == [0]
         # Beyond the end: the server's EINVAL (or libnbd's) for that request alone.
-        res = run(
-            q,
-            [
-                (Op.READ, size, 512, [memoryview(bytearray(512))], 0),
-                (Op.READ, 0, 512, [memoryview(bytearray(512))], 0),
-            ],
-        )
+        res = run(q, [(Op.READ, size, 512, [memoryview(bytearray(512))], 0),
+                      (Op.READ, 0, 512, [memoryview(bytearray(512))], 0)])
         assert res[0] < 0 and res[1] == 512
     finally:
         q.close()
@@ -156,12 +159,8 @@ def test_nbdkit_file_reaches_the_file(nbdkit: object, tmp_path: Path) -> None:
         # Two queues, two connections: what one writes, the other reads (multi-conn).
         q0, q1 = s.open_queue(0, 8), s.open_queue(1, 8)
         data = bytearray(b"\xa5" * 65536)
-        assert run(
-            q0,
-            [
-                (Op.WRITE, MiB, 65536, [memoryview(data)], 0),
-            ],
-        ) == [65536]
+        assert run(q0, [(Op.WRITE, MiB, 65536, [memoryview(data)], 0),
+                        ]) == [65536]
         assert run(q0, [(Op.FLUSH, 0, 0, [], 0)]) == [0]
         out = bytearray(65536)
         assert run(q1, [(Op.READ, MiB, 65536, [memoryview(out)], 0)]) == [65536]
@@ -181,7 +180,6 @@ def test_read_only(nbdkit: object) -> None:
     s = open_nbd(uri, {}, read_only=True)
     try:
         assert not s.caps.writable and not s.caps.discard and not s.caps.write_zeroes
-        # Read-only needs no multi-conn to open several queues.
         qs = [s.open_queue(i, 4) for i in range(3)]
         for q in qs:
             q.close()
@@ -220,14 +218,9 @@ def test_nbdkit_python_errors_fail_one_request(nbdkit: object, tmp_path: Path) -
         q = s.open_queue(0, 16)
         data = bytearray(b"x" * 4096)
         bufs = [memoryview(bytearray(4096)) for _ in range(3)]
-        res = run(
-            q,
-            [
-                (Op.WRITE, 0, 4096, [memoryview(data)], 0),
-                (Op.READ, MiB + 4096, 4096, [bufs[0]], 0),
-                (Op.READ, 0, 4096, [bufs[1]], 0),
-            ],
-        )
+        res = run(q, [(Op.WRITE, 0, 4096, [memoryview(data)], 0),
+                      (Op.READ, MiB + 4096, 4096, [bufs[0]], 0),
+                      (Op.READ, 0, 4096, [bufs[1]], 0)])
         assert res == [4096, -errno.EIO, 4096]
         assert bytes(bufs[1]) == bytes(data)
         q.close()
@@ -235,26 +228,18 @@ def test_nbdkit_python_errors_fail_one_request(nbdkit: object, tmp_path: Path) -
         s.close()
 
 
-def test_server_death_fails_requests_and_never_hangs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("multi_conn", [True, False], ids=["own-connection", "shared"])
+def test_server_death_fails_requests_and_never_hangs(tmp_path: Path, multi_conn: bool) -> None:
     _need("nbdkit")
     sock = tmp_path / "k.sock"
-    proc = subprocess.Popen(
-        [
-            "nbdkit",
-            "--exit-with-parent",
-            "-f",
-            "-U",
-            str(sock),
-            "--filter=delay",
-            "memory",
-            "4M",
-            "rdelay=1",
-        ],
-        stderr=subprocess.PIPE,
-    )
+    mc = ([], []) if multi_conn else (["--filter=multi-conn"], ["multi-conn-mode=disable"])
+    proc = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-U", str(sock), *mc[0],
+                             "--filter=delay", "memory", "4M", "rdelay=1", *mc[1]],
+                            stderr=subprocess.PIPE)
     try:
         _wait_socket(sock, proc)
         s = open_nbd(f"nbd+unix:///?socket={sock}", {}, read_only=False)
+        assert s.multi_conn == multi_conn
         q = s.open_queue(0, 8)
         bufs = [memoryview(bytearray(4096)) for _ in range(4)]
         for i, b in enumerate(bufs):
@@ -304,10 +289,8 @@ def test_open_errors_are_one_line(tmp_path: Path, nbdkit: object) -> None:
     img = tmp_path / "x.img"
     img.write_bytes(bytes(MiB))
     sock = tmp_path / "q.sock"
-    proc = subprocess.Popen(
-        ["qemu-nbd", "-t", "-f", "raw", "-x", "real", "-k", str(sock), str(img)],
-        stderr=subprocess.PIPE,
-    )
+    proc = subprocess.Popen(["qemu-nbd", "-t", "-f", "raw", "-x", "real", "-k", str(sock),
+                             str(img)], stderr=subprocess.PIPE)
     try:
         _wait_socket(sock, proc)
         with pytest.raises(StorageError) as e:
@@ -317,24 +300,74 @@ def test_open_errors_are_one_line(tmp_path: Path, nbdkit: object) -> None:
         stop(proc)
 
 
-def test_no_multi_conn_means_one_writable_queue(tmp_path: Path) -> None:
+def test_no_multi_conn_shares_one_connection_between_queues(tmp_path: Path) -> None:
+    """qemu-nbd (writable, one client, no multi-conn): many queues in flight at once on threads."""
     _need("qemu-nbd")
     img = tmp_path / "x.img"
-    img.write_bytes(bytes(MiB))
+    img.write_bytes(bytes(16 * MiB))
     sock = tmp_path / "q.sock"
-    # qemu-nbd advertises multi-conn only when it may have several clients.
-    proc = subprocess.Popen(
-        ["qemu-nbd", "-t", "-f", "raw", "-k", str(sock), str(img)], stderr=subprocess.PIPE
-    )
+    # qemu-nbd advertises multi-conn only when it may have several clients; here one only,
+    # so a second connection would wait forever in its handshake. Without --persistent it
+    # exits when that client goes.
+    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), str(img)],
+                            stderr=subprocess.PIPE)
     try:
         _wait_socket(sock, proc)
         s = open_nbd(f"nbd+unix:///?socket={sock}", {}, read_only=False)
-        assert not s.multi_conn
-        q = s.open_queue(0, 4)
-        with pytest.raises(StorageError, match="--num-queues 1"):
-            s.open_queue(1, 4)
-        q.close()
-        s.close()
+        try:
+            assert not s.multi_conn
+            queues = [s.open_queue(i, 64) for i in range(4)]
+            control = s.open_queue(0, 8)  # the device's control queue, beside queue 0
+            assert all(isinstance(q, SharedNbdQueue) for q in queues)
+            n, bs = 48, 65536
+            blocks = [[pattern(q * n + i, bs) for i in range(n)] for q in range(4)]
+            # Two queues with commands in flight at once, from one thread.
+            for i in range(n):
+                queues[0].submit(Op.WRITE, i * bs, bs, [memoryview(blocks[0][i])], 0, i)
+                queues[1].submit(Op.WRITE, (n + i) * bs, bs, [memoryview(blocks[1][i])], 0, i)
+            queues[0].commit()
+            queues[1].commit()
+            assert queues[0].inflight == queues[1].inflight == n
+            for q in queues[:2]:
+                assert collect(q, n) == {i: bs for i in range(n)}
+            # Four queues driven by four I/O threads at once.
+            errors: list[BaseException] = []
+
+            def worker(q: int) -> None:
+                try:
+                    if q >= 2:
+                        base = q * n
+                        writes = [(Op.WRITE, (base + i) * bs, bs, [memoryview(blocks[q][i])], 0)
+                                  for i in range(n)]
+                        assert run(queues[q], writes) == [bs] * n
+                    back = [bytearray(bs) for _ in range(n)]
+                    reads = [(Op.READ, (q * n + i) * bs, bs, [memoryview(back[i])], 0)
+                             for i in range(n)]
+                    if q < 2:
+                        assert run(queues[q], reads) == [bs] * n
+                        assert [bytes(b) for b in back] == blocks[q]
+                except BaseException as e:
+                    errors.append(e)
+
+            threads = [threading.Thread(target=worker, args=(q,)) for q in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors, errors
+            # One flush, on the control queue, covers every queue's writes: they share a
+            # connection (qemu-nbd's file is then up to date).
+            assert run(control, [(Op.FLUSH, 0, 0, [], 0)]) == [0]
+            raw = img.read_bytes()
+            for q in range(4):
+                for i in range(0, n, 7):
+                    at = (q * n + i) * bs
+                    assert raw[at : at + bs] == blocks[q][i], (q, i)
+            for q in [*queues, control]:
+                q.close()
+        finally:
+            s.close()
+        assert proc.wait(10) == 0, "vblk's connection outlived the storage"
     finally:
         stop(proc)
 
@@ -343,9 +376,8 @@ def test_no_multi_conn_means_one_writable_queue(tmp_path: Path) -> None:
 
 
 def _qemu_img(*args: str) -> str:
-    return subprocess.run(
-        ["qemu-img", *args], check=True, capture_output=True, text=True, timeout=60
-    ).stdout
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True,
+                          text=True, timeout=60).stdout
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vhdx", "vpc"])
@@ -381,7 +413,8 @@ def test_qcow2_discard_deallocates_and_check_is_clean(tmp_path: Path) -> None:
     try:
         q0, q1 = s.open_queue(0, 32), s.open_queue(1, 32)
         data = memoryview(bytearray(b"\x5a" * (4 * MiB)))
-        assert run(q0, [(Op.WRITE, 0, 4 * MiB, [data], 0), (Op.FLUSH, 0, 0, [], 0)]) == [4 * MiB, 0]
+        assert run(q0, [(Op.WRITE, 0, 4 * MiB, [data], 0), (Op.FLUSH, 0, 0, [], 0)]) == [
+            4 * MiB, 0]
         assert run(q1, [(Op.DISCARD, 0, 2 * MiB, [], 0), (Op.FLUSH, 0, 0, [], 0)]) == [0, 0]
         q0.close()
         q1.close()
@@ -442,11 +475,8 @@ def test_qemu_nbd_dies_with_a_killed_vblk(tmp_path: Path) -> None:
     _need("qemu-nbd")
     img = tmp_path / "k.qcow2"
     _qemu_img("create", "-f", "qcow2", str(img), "4M")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(img)],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
-    )
+    holder = subprocess.Popen([sys.executable, "-c", CHILD, str(img)], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
     try:
         assert holder.stdout is not None
         pid = int(holder.stdout.readline())
@@ -488,3 +518,50 @@ def test_large_writes_fill_the_socket_and_keep_flowing(tmp_path: Path) -> None:
         q.close()
     finally:
         s.close()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize(
+    "sig,guest", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["SIGINT-guest", "SIGTERM"]
+)
+def test_serve_qcow2_stops_cleanly_on_a_signal_to_its_process_group(
+    tmp_path: Path, sig: signal.Signals, guest: bool
+) -> None:
+    """A terminal's Ctrl-C reaches the whole group: vblk still flushes, stops qemu-nbd, exits 0."""
+    _need("qemu-nbd")
+    from vblk import client
+
+    img = tmp_path / "g.qcow2"
+    _qemu_img("create", "-f", "qcow2", str(img), "16M")
+    sock = tmp_path / "vblk.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vblk", "serve", str(img), "--socket", str(sock),
+         "--num-queues", "2"],
+        stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_socket(sock, proc)
+        (qemu_nbd,) = _children(proc.pid)
+        data = bytes(range(256)) * 256
+        if guest:
+            dev = client.connect(str(sock), num_queues=2, timeout=20)
+            dev.write(MiB, data)  # no flush: the final flush must make it durable
+        os.killpg(proc.pid, sig)
+        assert proc.stderr is not None
+        rc, err = proc.wait(30), proc.stderr.read().decode()
+        if guest:
+            dev.close()
+    finally:
+        stop(proc)
+    assert rc == 0, err
+    assert "error" not in err.lower(), err
+    with pytest.raises(ProcessLookupError):
+        os.kill(qemu_nbd, 0)
+    _qemu_img("check", str(img))
+    if guest:
+        raw = tmp_path / "g.raw"
+        _qemu_img("convert", "-O", "raw", str(img), str(raw))
+        assert raw.read_bytes()[MiB : MiB + len(data)] == data

@@ -294,7 +294,7 @@ class Server:
             remove_socket(self.socket_path, self._identity)
         try:
             self.device.flush_now()
-        except OSError as e:
+        except (OSError, VblkError) as e:
             log.error("final flush failed: %s", e)
 
     def _wait_readable(self, fd: int, timeout: float | None = None) -> bool:

@@ -28,18 +28,11 @@ ZEROED = (200 * MiB, 4 * MiB)
 
 
 class SpecBackend(Backend):
-    """vblk serve on a storage spec that is not a path (``nbd+unix://...``) or a qcow2 file."""
+    """vblk serve on a storage spec that is not a raw path (``nbd+unix://...``, a qcow2 file)."""
 
     def __init__(self, spec: str, tmp: Path, name: str, **options: object) -> None:
-        self.spec = spec
-        super().__init__(
-            Path(name), tmp / f"{name}.sock", tmp / f"{name}.log", kind="vblk", **options
-        )  # type: ignore[arg-type]
-
-    def _command(self, *args: object) -> list[str]:
-        cmd = super()._command(*args)  # type: ignore[arg-type]
-        cmd[4] = self.spec  # python -m vblk serve SPEC ...
-        return cmd
+        super().__init__(Path(name), tmp / f"{name}.sock", tmp / f"{name}.log",
+                         kind="vblk", spec=spec, **options)  # type: ignore[arg-type]
 
 
 def _need(*tools: str) -> None:
@@ -54,9 +47,7 @@ def _server(cmd: list[str], sock: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while not sock.exists():
-        assert proc.poll() is None, (
-            f"{cmd[0]} exited: {proc.stderr.read() if proc.stderr else b''!r}"
-        )
+        assert proc.poll() is None, f"{cmd[0]} exited: {proc.stderr.read() if proc.stderr else b''!r}"
         assert time.monotonic() < deadline
         time.sleep(0.05)
     return proc
@@ -72,9 +63,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _run_integrity(backend: Backend, boot: Boot) -> dict[str, str]:
-    res: guest_tool.GuestResult = boot(
-        backend, workload("integrity.sh"), num_queues=2, smp=2, timeout=GUEST_TIMEOUT
-    )
+    res: guest_tool.GuestResult = boot(backend, workload("integrity.sh"), num_queues=2, smp=2,
+                                       timeout=GUEST_TIMEOUT)
     assert res.rc == 0, res.output[-3000:]
     v = guest_tool.parse_values(res.output)
     for key in ("fio_verify", "files", "write_zeroes", "discard"):
@@ -96,12 +86,8 @@ def _check_raw(raw: bytes | Path, v: dict[str, str]) -> None:
 def _qcow2_to_raw(img: Path, tmp: Path) -> Path:
     subprocess.run(["qemu-img", "check", str(img)], check=True, capture_output=True, timeout=120)
     raw = tmp / f"{img.stem}.raw"
-    subprocess.run(
-        ["qemu-img", "convert", "-O", "raw", str(img), str(raw)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(img), str(raw)], check=True,
+                   capture_output=True, timeout=300)
     return raw
 
 
@@ -113,19 +99,16 @@ def _qemu_nbd_children(pid: int) -> list[int]:
 def test_qcow2_image(tmp_path: Path, boot: Boot) -> None:
     _need("qemu-img", "qemu-nbd")
     img = tmp_path / "disk.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-f", "qcow2", str(img), str(SIZE)], check=True, capture_output=True
-    )
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(img), str(SIZE)], check=True,
+                   capture_output=True)
     backend = SpecBackend(str(img), tmp_path, "qcow2", num_queues=2)
     try:
         children = _qemu_nbd_children(backend.proc.pid)
         assert len(children) == 1, "vblk serve runs one qemu-nbd for a qcow2 image"
         v = _run_integrity(backend, boot)
         # qemu-nbd exits with vblk.
-        assert (
-            not Path(f"/proc/{children[0]}").exists()
-            or Path(f"/proc/{children[0]}/stat").read_text().split(")")[1].split()[0] == "Z"
-        )
+        assert not Path(f"/proc/{children[0]}").exists() or Path(
+            f"/proc/{children[0]}/stat").read_text().split(")")[1].split()[0] == "Z"
     finally:
         backend.stop()
     _check_raw(_qcow2_to_raw(img, tmp_path), v)
@@ -137,9 +120,8 @@ def test_nbd_via_nbdkit(tmp_path: Path, boot: Boot) -> None:
     with open(raw, "wb") as f:
         f.truncate(SIZE)
     sock = tmp_path / "nbdkit-server.sock"
-    server = _server(
-        ["nbdkit", "--exit-with-parent", "-f", "-U", str(sock), "file", str(raw)], sock
-    )
+    server = _server(["nbdkit", "--exit-with-parent", "-f", "-U", str(sock), "file", str(raw)],
+                     sock)
     try:
         backend = SpecBackend(f"nbd+unix:///?socket={sock}", tmp_path, "nbdkit", num_queues=2)
         try:
@@ -154,34 +136,21 @@ def test_nbd_via_nbdkit(tmp_path: Path, boot: Boot) -> None:
 def test_nbd_via_qemu_nbd(tmp_path: Path, boot: Boot) -> None:
     _need("qemu-img", "qemu-nbd")
     img = tmp_path / "served.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-f", "qcow2", str(img), str(SIZE)], check=True, capture_output=True
-    )
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(img), str(SIZE)], check=True,
+                   capture_output=True)
     sock = tmp_path / "qemu-nbd-server.sock"
-    server = _server(
-        [
-            "qemu-nbd",
-            "--persistent",
-            "--shared",
-            "0",
-            "--format",
-            "qcow2",
-            "--discard",
-            "unmap",
-            "--socket",
-            str(sock),
-            "--export-name",
-            "disk",
-            str(img),
-        ],
-        sock,
-    )
+    # qemu-nbd's defaults: one client, no multi-conn, so vblk's two queues share a connection.
+    server = _server(["qemu-nbd", "--persistent", "--format", "qcow2",
+                      "--discard", "unmap", "--socket", str(sock), "--export-name", "disk",
+                      str(img)], sock)
     try:
-        backend = SpecBackend(f"nbd+unix:///disk?socket={sock}", tmp_path, "qemunbd", num_queues=2)
+        backend = SpecBackend(f"nbd+unix:///disk?socket={sock}", tmp_path, "qemunbd",
+                              num_queues=2)
         try:
             v = _run_integrity(backend, boot)
         finally:
             backend.stop()
+        assert "no multi-conn; all queues share one connection" in backend.log
     finally:
         _stop(server)
     _check_raw(_qcow2_to_raw(img, tmp_path), v)

@@ -1,12 +1,13 @@
 """NBD storage: an export of an NBD server, or a qemu-img format served by a child qemu-nbd.
 
-Both go through libnbd's asynchronous API (Python module ``nbd``). Each
-storage queue has its own NBD connection, so queues on different I/O
-threads never share a socket or a lock, and many commands are in flight on
-each. A queue's :attr:`~NbdQueue.fd` is an epoll fd holding its socket (and,
-while libnbd has bytes it could not write, the socket's POLLOUT) plus an
-eventfd for completions made without the server (a command libnbd refused,
-a dead connection). The I/O thread polls only POLLIN on it, yet a full
+Both go through libnbd's asynchronous API (Python module ``nbd``). Where
+the server advertises multi-conn, each storage queue has its own NBD
+connection, so queues on different I/O threads never share a socket or a
+lock, and many commands are in flight on each. Such a queue's
+:attr:`~NbdQueue.fd` is an epoll fd holding its socket (and, while libnbd
+has bytes it could not write, the socket's POLLOUT) plus an eventfd for
+completions made without the server (a command libnbd refused, a dead
+connection). The I/O thread polls only POLLIN on it, yet a full
 socket is drained as soon as it becomes writable, and nothing ever blocks.
 
 Zero copy: libnbd's binding takes any writable buffer for ``aio_pread`` and
@@ -15,9 +16,14 @@ completes, so guest memory is read from and written to in place. NBD has no
 vectored commands: a request of several segments becomes one command per
 segment (and per 32 MiB), completed together.
 
-Several connections are safe for writes only if the server advertises
-multi-conn (a flush on one then covers writes completed on all). Without it,
-a writable export gets one queue; a second is a :class:`StorageError`.
+Several connections are consistent only if the server advertises
+multi-conn (a flush on one then covers writes completed on all), and a
+server without it may take one client only (qemu-nbd's default). There all
+queues share ONE connection (:class:`SharedNbdQueue`): each queue issues its
+commands on the shared handle from its own thread (libnbd locks the handle),
+a dedicated thread runs the connection's poll loop, and each queue gets its
+completions through a :class:`~vblk.storage.base.CompletionChannel`. A
+flush then covers every queue's writes, and any number of queues works.
 
 qemu-img formats (:func:`open_image`) are served by ``qemu-nbd`` on a unix
 socket in a private directory. vblk binds and listens on that socket,
@@ -38,6 +44,7 @@ import logging
 import os
 import select
 import shlex
+import signal
 import socket
 import subprocess
 import tempfile
@@ -53,11 +60,12 @@ from vblk.storage.base import (
     FLAG_UNMAP,
     Capabilities,
     Completion,
+    CompletionChannel,
     Op,
     StorageError,
 )
 
-__all__ = ["NbdQueue", "NbdStorage", "open_image", "open_nbd"]
+__all__ = ["NbdQueue", "NbdStorage", "SharedNbdQueue", "open_image", "open_nbd"]
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +76,13 @@ MAX_RANGE = 1 << 30
 #: Seconds to connect and finish the handshake (``--opt timeout=S``).
 CONNECT_TIMEOUT = 10.0
 
+_OPS = frozenset(Op)
 _READ = nbd.AIO_DIRECTION_READ
 _WRITE = nbd.AIO_DIRECTION_WRITE
 _URI_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
 _IMAGE_OPTS = {"cache", "aio", "detect-zeroes", "discard", "timeout"}
+#: Signals the main thread handles; the shared connection's thread never takes them.
+_MAIN_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _nbd_errno(e: nbd.Error) -> int:
@@ -139,31 +150,95 @@ def _caps(h: nbd.NBD, read_only: bool) -> tuple[Capabilities, bool]:
 class _Request:
     """One storage operation, possibly several NBD commands; completes when the last one does."""
 
-    __slots__ = ("error", "left", "queue", "result", "token")
+    __slots__ = ("complete", "error", "left", "result", "token")
 
-    def __init__(self, queue: NbdQueue, token: object, result: int) -> None:
-        self.queue = queue
+    def __init__(self, complete: Callable[[object, int], None], token: object, result: int) -> None:
+        self.complete = complete
         self.token = token
         self.result = result
         self.left = 1  # held by submit until every command is issued
         self.error = 0
 
     def done(self, err: Any) -> int:
-        """libnbd's completion callback (on the queue's thread, inside aio_notify_read)."""
-        if err.value and not self.error:
-            self.error = err.value
-        self.release()
+        """libnbd's completion callback (inside aio_notify_read, on the polling thread)."""
+        self.fail(err.value)
         return 1
 
     def fail(self, code: int) -> None:
-        if not self.error:
+        if code and not self.error:
             self.error = code
         self.release()
 
     def release(self) -> None:
         self.left -= 1
         if self.left == 0:
-            self.queue._complete(self.token, -self.error if self.error else self.result)
+            self.complete(self.token, -self.error if self.error else self.result)
+
+
+class _SharedRequest(_Request):
+    """A request on the shared connection: its submitter and the poll thread both count it."""
+
+    __slots__ = ("lock",)
+
+    def __init__(
+        self,
+        complete: Callable[[object, int], None],
+        token: object,
+        result: int,
+        lock: threading.Lock,
+    ) -> None:
+        super().__init__(complete, token, result)
+        self.lock = lock
+
+    def fail(self, code: int) -> None:
+        with self.lock:
+            if code and not self.error:
+                self.error = code
+            self.left -= 1
+            if self.left:
+                return
+        self.complete(self.token, -self.error if self.error else self.result)
+
+    def release(self) -> None:
+        self.fail(0)
+
+
+def _issue(h: nbd.NBD, req: _Request, op: int, offset: int, length: int,
+           bufs: list[memoryview], flags: int) -> None:
+    """Issue ``req``'s NBD commands on ``h`` (``op`` one of ``_OPS``).
+
+    nbd.Error if libnbd refuses one: that command will never call back, yet
+    it is counted in ``req.left``.
+    """
+    cb = req.done
+    if op == Op.READ:
+        for buf in bufs:
+            for start in range(0, len(buf), MAX_DATA):
+                req.left += 1
+                h.aio_pread(buf[start : start + MAX_DATA], offset + start, cb)
+            offset += len(buf)
+    elif op == Op.WRITE:
+        nflags = nbd.CMD_FLAG_FUA if flags & FLAG_FUA else 0
+        for buf in bufs:
+            for start in range(0, len(buf), MAX_DATA):
+                req.left += 1
+                h.aio_pwrite(buf[start : start + MAX_DATA], offset + start, cb, nflags)
+            offset += len(buf)
+    elif op == Op.FLUSH:
+        req.left += 1
+        h.aio_flush(cb)
+    else:
+        zero = op == Op.WRITE_ZEROES
+        nflags = 0 if not zero or flags & FLAG_UNMAP else nbd.CMD_FLAG_NO_HOLE
+        end = offset + length
+        while offset < end:
+            n = min(MAX_RANGE, end - offset)
+            req.left += 1
+            if zero:
+                h.aio_zero(n, offset, cb, nflags)
+            else:
+                h.aio_trim(n, offset, cb)
+            offset += n
 
 
 class NbdQueue:
@@ -194,48 +269,18 @@ class NbdQueue:
     ) -> None:
         self._inflight += 1
         data = op == Op.READ or op == Op.WRITE
-        req = _Request(self, token, length if data else 0)
+        req = _Request(self._complete, token, length if data else 0)
         h = self._h
-        if h is None:
-            req.fail(errno.EIO)
+        if h is None or op not in _OPS:
+            req.fail(errno.EIO if h is None else errno.EOPNOTSUPP)
             return
-        cb = req.done
         try:
-            if op == Op.READ:
-                for buf in bufs:
-                    for start in range(0, len(buf), MAX_DATA):
-                        req.left += 1
-                        h.aio_pread(buf[start : start + MAX_DATA], offset + start, cb)
-                    offset += len(buf)
-            elif op == Op.WRITE:
-                nflags = nbd.CMD_FLAG_FUA if flags & FLAG_FUA else 0
-                for buf in bufs:
-                    for start in range(0, len(buf), MAX_DATA):
-                        req.left += 1
-                        h.aio_pwrite(buf[start : start + MAX_DATA], offset + start, cb, nflags)
-                    offset += len(buf)
-            elif op == Op.FLUSH:
-                req.left += 1
-                h.aio_flush(cb)
-            elif op == Op.DISCARD or op == Op.WRITE_ZEROES:
-                zero = op == Op.WRITE_ZEROES
-                nflags = 0 if not zero or flags & FLAG_UNMAP else nbd.CMD_FLAG_NO_HOLE
-                end = offset + length
-                while offset < end:
-                    n = min(MAX_RANGE, end - offset)
-                    req.left += 1
-                    if zero:
-                        h.aio_zero(n, offset, cb, nflags)
-                    else:
-                        h.aio_trim(n, offset, cb)
-                    offset += n
-            else:
-                req.fail(errno.EOPNOTSUPP)
-                return
+            _issue(h, req, op, offset, length, bufs, flags)
         except nbd.Error as e:
-            # libnbd refused the command (dead connection, out of bounds): it will not call back.
-            req.left -= 1
+            # libnbd refused a command (dead connection, out of bounds): one count for it,
+            # which will not call back, and one for submit's hold.
             req.fail(_nbd_errno(e))
+            req.fail(0)
             self._check_alive()
             return
         req.release()
@@ -330,8 +375,156 @@ class NbdQueue:
         return False
 
 
+class _SharedConnection:
+    """One NBD connection for every queue: a thread of its own runs its poll loop.
+
+    Queues issue commands on :attr:`h` from their own threads; libnbd sends
+    what it can at once. The thread reads replies (running the completion
+    callbacks) and sends what the socket did not take, woken through an
+    eventfd when a queue leaves bytes unsent (:meth:`kick`).
+    """
+
+    def __init__(self, description: str, h: nbd.NBD) -> None:
+        self.description = description
+        self.h: Any = h
+        self._sock = h.aio_get_fd()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the poll thread if it is not running (with the main thread's signals blocked)."""
+        if self._thread is not None:
+            return
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_SIGNALS)
+        try:
+            self._thread = threading.Thread(target=self._run, name="vblk-nbd", daemon=True)
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def kick(self) -> None:
+        """After issuing commands: wake the thread if libnbd has bytes left to send."""
+        try:
+            pending = self.h.aio_get_direction() & _WRITE
+        except nbd.Error:
+            return
+        if pending:
+            os.eventfd_write(self._wake, 1)
+
+    def close(self) -> None:
+        """Stop the thread and say goodbye to the server; no queue may be open."""
+        self._stop = True
+        os.eventfd_write(self._wake, 1)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        os.close(self._wake)
+        _disconnect(self.h)
+        self.h = None  # the socket closes with the handle's last reference
+
+    def _run(self) -> None:
+        h, sock, wake = self.h, self._sock, self._wake
+        poller = select.poll()
+        poller.register(wake, select.POLLIN)
+        mask = select.POLLIN
+        poller.register(sock, mask)
+        failed = select.POLLHUP | select.POLLERR
+        try:
+            while not self._stop:
+                direction = h.aio_get_direction()
+                if h.aio_is_dead() or h.aio_is_closed():
+                    break
+                want = (select.POLLIN if direction & _READ else 0) | (
+                    select.POLLOUT if direction & _WRITE else 0
+                )
+                if want != mask:
+                    mask = want
+                    poller.modify(sock, mask)
+                for fd, ev in poller.poll():
+                    if fd == wake:
+                        try:
+                            os.eventfd_read(wake)
+                        except BlockingIOError:
+                            pass
+                        continue
+                    # Read only when the socket has data (or news of its end): a spurious
+                    # notify_read pauses a half-sent command until a reply comes.
+                    if ev & (select.POLLIN | failed) and h.aio_get_direction() & _READ:
+                        h.aio_notify_read()
+                    if ev & (select.POLLOUT | failed) and h.aio_get_direction() & _WRITE:
+                        h.aio_notify_write()
+        except nbd.Error as e:
+            log.error("%s: connection lost: %s", self.description, e.string)
+        if not self._stop:
+            # libnbd has failed the commands in flight; later ones fail when issued.
+            log.error("%s: the NBD connection is closed; requests now fail", self.description)
+
+
+class SharedNbdQueue:
+    """One virtqueue's path to the shared connection; used only on its I/O thread."""
+
+    def __init__(self, storage: NbdStorage, conn: _SharedConnection) -> None:
+        self._storage = storage
+        self._conn = conn
+        self._channel = CompletionChannel()
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self.fd: int | None = self._channel.fd
+
+    def submit(
+        self,
+        op: int,
+        offset: int,
+        length: int,
+        bufs: list[memoryview],
+        flags: int,
+        token: object,
+    ) -> None:
+        self._inflight += 1
+        data = op == Op.READ or op == Op.WRITE
+        req = _SharedRequest(self._channel.put, token, length if data else 0, self._lock)
+        if op not in _OPS:
+            req.fail(errno.EOPNOTSUPP)
+            return
+        h = self._conn.h
+        try:
+            _issue(h, req, op, offset, length, bufs, flags)
+        except nbd.Error as e:
+            # One count for the refused command, which will not call back, one for the hold.
+            req.fail(errno.EIO if h.aio_is_dead() or h.aio_is_closed() else _nbd_errno(e))
+            req.fail(0)
+            return
+        req.release()
+
+    def commit(self) -> None:
+        self._conn.kick()
+
+    def reap(self) -> list[Completion]:
+        done = self._channel.take()
+        self._inflight -= len(done)
+        return done
+
+    def ready(self) -> bool:
+        return self._channel.ready()
+
+    def clear_signal(self) -> None:
+        self._channel.clear()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def close(self) -> None:
+        if self.fd is not None:
+            self._channel.close()
+            self.fd = None
+            self._storage._queue_closed()
+
+
 class NbdStorage:
-    """An NBD export; each queue gets its own connection, made by ``connect``."""
+    """An NBD export: each queue gets its own connection, made by ``connect``, if the server
+    advertises multi-conn; otherwise all queues share the first connection."""
 
     def __init__(
         self,
@@ -346,35 +539,40 @@ class NbdStorage:
         self._lock = threading.Lock()
         first = connect()
         self.caps, self.multi_conn = _caps(first, read_only)
-        # A child qemu-nbd exits when its last client goes: its first connection is never
-        # handed to a queue and stays open, idle, while the storage lives. A server of
-        # the user's may take one client only: there the first queue gets it.
-        self._keep: nbd.NBD | None = first if child is not None else None
-        self._spare: list[nbd.NBD] = [] if child is not None else [first]
+        self._shared = None if self.multi_conn else _SharedConnection(description, first)
+        if self._shared is not None:
+            log.info("%s: no multi-conn; all queues share one connection", description)
+        # A child qemu-nbd exits when its last client goes: its first connection (shared, or
+        # else never handed to a queue and idle) stays open while the storage lives.
+        own = self.multi_conn
+        self._keep: nbd.NBD | None = first if own and child is not None else None
+        self._spare: list[nbd.NBD] = [first] if own and child is None else []
         self._queues = 0
         self._closed = False
 
-    def open_queue(self, index: int, depth: int) -> NbdQueue:
+    def open_queue(self, index: int, depth: int) -> NbdQueue | SharedNbdQueue:
         with self._lock:
-            if self._queues and self.caps.writable and not self.multi_conn:
-                raise StorageError(
-                    f"{self.description}: the server does not advertise multi-conn, so one "
-                    "writable connection only: use --num-queues 1"
-                )
-            h = self._spare.pop() if self._spare else None
+            if self._closed:
+                raise StorageError(f"{self.description}: the storage is closed")
             self._queues += 1
+            if self._shared is not None:
+                self._shared.start()
+                return SharedNbdQueue(self, self._shared)
+            h = self._spare.pop() if self._spare else None
         if h is None or h.aio_is_dead() or h.aio_is_closed():
             try:
                 h = self._connect()
             except StorageError:
-                with self._lock:
-                    self._queues -= 1
+                self._queue_closed()
                 raise
         return NbdQueue(self, h)
 
-    def _give_back(self, h: nbd.NBD) -> None:
+    def _queue_closed(self) -> None:
         with self._lock:
             self._queues -= 1
+
+    def _give_back(self, h: nbd.NBD) -> None:
+        self._queue_closed()
         # A closed queue's connection is closed, not handed on: each queue starts from a
         # fresh handle, with no state left by another thread's queue.
         _disconnect(h)
@@ -384,6 +582,8 @@ class NbdStorage:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             spare, self._spare = self._spare, []
             if self._keep is not None:
@@ -391,6 +591,8 @@ class NbdStorage:
                 self._keep = None
         while spare:
             _disconnect(spare.pop())
+        if self._shared is not None:
+            self._shared.close()
         if self._child is not None:
             self._child.stop()
 
@@ -456,7 +658,9 @@ class _QemuNbd:
                 argv.append("--read-only")
             argv.append(os.path.abspath(path))
             # The listener comes in as stdin and goes to fd 3, as socket activation wants;
-            # LISTEN_PID must be qemu-nbd's own pid: sh's $$ survives the exec.
+            # LISTEN_PID must be qemu-nbd's own pid: sh's $$ survives the exec. Its own
+            # session: a terminal's Ctrl-C signals vblk's process group, and vblk, not the
+            # child, decides when the image is done (after the final flush).
             script = f"LISTEN_PID=$$ LISTEN_FDS=1 exec {shlex.join(argv)} 3<&0 </dev/null"
             try:
                 self.proc = subprocess.Popen(
@@ -465,6 +669,7 @@ class _QemuNbd:
                     stdout=subprocess.DEVNULL,
                     stderr=self._stderr,
                     env={k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")},
+                    start_new_session=True,
                 )
             except OSError as e:
                 self.first.close()
