@@ -35,3 +35,16 @@ def test_no_daemon_is_one_line_error(tmp_path: Path) -> None:
     )
     assert out.returncode != 0
     assert out.stderr.startswith("vblk: error: ") and out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "soon"])
+def test_a_timeout_that_is_not_positive_is_a_usage_error(tmp_path: Path, timeout: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vblk", "ctl", "--control", str(tmp_path / "none"),
+         "--timeout", timeout, "export-list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1

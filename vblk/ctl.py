@@ -38,6 +38,17 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
     return params
 
 
+def _timeout(text: str) -> float:
+    """An argparse type: seconds in (0, 86400], else a one-line error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be in (0, 86400] seconds, got {text}")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "ctl",
@@ -47,7 +58,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--control", required=True, metavar="PATH", help="the daemon's control socket")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument(
-        "--timeout", type=float, default=120.0, metavar="S", help="answer timeout (default 120)"
+        "--timeout", type=_timeout, default=120.0, metavar="S", help="answer timeout (default 120)"
     )
     p.add_argument(
         "--svg",
