@@ -477,3 +477,32 @@ def test_a_frontend_that_stops_reading_replies_does_not_stall_the_data_path(
         except (OSError, client.VblkError) as e:
             assert time.monotonic() < deadline, e
             time.sleep(0.5)
+
+
+def test_a_late_answer_is_never_taken_for_the_next_commands() -> None:
+    """A worker answer that came after its command timed out is dropped, not mismatched."""
+    import multiprocessing
+
+    from vblk.daemon import Daemon as InProcess
+    from vblk.daemon import _Handle
+    from vblk.export import ExportConfig
+
+    d = InProcess(None)
+    ours, worker = multiprocessing.Pipe()
+    listener = socket.socket(socket.AF_UNIX)
+    handle = _Handle(ExportConfig("e", "x", "x.sock"), listener, (0, 0), conn=ours)
+    handle.state = "running"
+    try:
+        with pytest.raises(rpc.RpcError, match="did not answer"):
+            d._call(handle, ("stats",), timeout=0.05)
+        assert worker.recv() == ("stats",)
+        worker.send(("ok", "stats, late"))
+        worker.send(("ok", "resized"))
+        assert d._call(handle, ("resize", 512, False), timeout=5) == "resized"
+        assert worker.recv() == ("resize", 512, False)
+        worker.send(("ok", "next"))
+        assert d._call(handle, ("qos", {}), timeout=5) == "next"
+    finally:
+        listener.close()
+        ours.close()
+        worker.close()

@@ -81,6 +81,9 @@ class _Handle:
     size: int = 0
     removing: bool = False
     started_at: float = 0.0
+    #: Commands whose answer did not come in time: answers arrive in order, so the next
+    #: this many answers on ``conn`` are theirs, never the answer to a later command.
+    unanswered: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -348,6 +351,7 @@ class Daemon:
                 f"export {handle.cfg.id!r}: the worker died while starting (exit {proc.exitcode})",
             )
         handle.process, handle.conn = proc, parent
+        handle.unanswered = 0
         handle.size = int(answer[1]["size"])
         handle.state = "running"
         handle.started_at = time.monotonic()
@@ -371,7 +375,7 @@ class Daemon:
             return
         try:
             conn.send(("stop",))
-            conn.poll(STOP_TIMEOUT)
+            _answer(handle, conn, STOP_TIMEOUT)
         except (OSError, EOFError):
             pass
         proc.join(5)
@@ -407,9 +411,9 @@ class Daemon:
                 raise rpc.RpcError(rpc.EXPORT_FAILED, f"export {name!r} is {handle.state}")
             try:
                 conn.send(cmd)
-                if not conn.poll(timeout):
+                answer = _answer(handle, conn, timeout)
+                if answer is None:
                     raise rpc.RpcError(rpc.EXPORT_FAILED, f"export {name!r} did not answer")
-                answer = conn.recv()
             except (OSError, EOFError):
                 raise rpc.RpcError(
                     rpc.EXPORT_FAILED, f"export {name!r}: its worker died (it is restarted)"
@@ -523,6 +527,21 @@ class Daemon:
                 log.error("export %s: restart failed: %s", handle.cfg.id, e.message)
         finally:
             handle.lock.release()
+
+
+def _answer(handle: _Handle, conn: Connection, timeout: float) -> Any:
+    """The worker's answer to the command just sent, or None if it takes over ``timeout``.
+
+    The late answers of earlier commands that timed out are read and dropped first.
+    """
+    deadline = time.monotonic() + timeout
+    while conn.poll(max(0.0, deadline - time.monotonic())):
+        answer = conn.recv()
+        if handle.unanswered == 0:
+            return answer
+        handle.unanswered -= 1
+    handle.unanswered += 1
+    return None
 
 
 def _qos_dict(limits: Limits) -> dict[str, Any]:
