@@ -481,8 +481,8 @@ class Daemon:
     def _supervise(self) -> None:
         """Restart the workers that die; never the ones being removed."""
         while not self._shutdown:
-            handles = [h for h in list(self.exports.values()) if h.process is not None]
-            sentinels = [h.process.sentinel for h in handles]
+            procs = [h.process for h in list(self.exports.values())]
+            sentinels = [p.sentinel for p in procs if p is not None]
             waiting = [h for h in list(self.exports.values()) if h.state == "restarting"]
             try:
                 multiprocessing.connection.wait([*sentinels, self._wake], 0.5 if waiting else 2)
