@@ -330,8 +330,15 @@ class Daemon:
             args=(handle.cfg, handle.listener, child, handle.limits),
             name=f"vblk-{handle.cfg.id}",
         )
-        proc.start()
-        child.close()
+        try:
+            proc.start()
+        except OSError as e:
+            parent.close()
+            raise rpc.RpcError(
+                rpc.EXPORT_FAILED, f"export {handle.cfg.id!r}: cannot start a worker: {e}"
+            ) from None
+        finally:
+            child.close()
         answer: Any = None
         try:
             if parent.poll(START_TIMEOUT):
