@@ -40,6 +40,7 @@ def test_parses_exports_and_qos() -> None:
         ('[[export]]\nid = "d0"\nspec = "s"\nsocket = "k"\nnum_queues = "2"', "num_queues"),
         ('[[export]]\nid = "d0"\nspec = "s"\nsocket = "k"\n[export.qos]\niops = -1', "iops"),
         (GOOD.replace('"d1"', '"d0"'), "used twice"),
+        ('[[export]]\nid = "d0"\nspec = "s"\nsocket = "k"\n[export.qos]\nid = "d1"', "no id"),
     ],
 )
 def test_errors_name_the_export_and_parameter(text: str, needle: str) -> None:

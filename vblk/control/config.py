@@ -55,7 +55,9 @@ def parse_config(text: str) -> list[tuple[dict[str, Any], dict[str, Any] | None]
             if qos is not None:
                 if not isinstance(qos, dict):
                     raise ConfigError(f"export #{n}: qos must be a table")
-                qos_params = validate("export-set-qos", {"id": params["id"], **qos})
+                if "id" in qos:
+                    raise ConfigError(f"export #{n}: qos takes no id (it is the export's)")
+                qos_params = validate("export-set-qos", {**qos, "id": params["id"]})
         except RpcError as e:
             raise ConfigError(
                 f"export #{n}: {e.message.removeprefix('invalid params: ')}"
