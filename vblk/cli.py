@@ -16,15 +16,10 @@ from types import FrameType
 from typing import NoReturn
 
 from vblk import __version__
+from vblk.blk.config import DEFAULT_NUM_QUEUES, MAX_NUM_QUEUES
 from vblk.errors import VblkError
 
 log = logging.getLogger("vblk")
-
-#: Queues a backend may offer: QEMU's VIRTIO_QUEUE_MAX, the most vhost-user-blk-pci can use.
-MAX_NUM_QUEUES = 1024
-#: Queues offered by default: QEMU gives a guest one per vCPU unless told otherwise, and a
-#: queue the frontend never starts costs nothing, so enough for any guest on this host.
-DEFAULT_NUM_QUEUES = min(MAX_NUM_QUEUES, max(64, os.cpu_count() or 1))
 
 
 class UsageError(VblkError):

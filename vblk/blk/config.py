@@ -6,6 +6,7 @@ field (``writeback``) with SET_CONFIG, so the layout lives here in one place.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -24,6 +25,11 @@ WRITEBACK_OFFSET = 32
 CHAIN_OVERHEAD = 2
 #: The ring QEMU gives vhost-user-blk-pci unless told otherwise (queue-size=128).
 DEFAULT_FRONTEND_RING = 128
+#: Queues a backend may offer: QEMU's VIRTIO_QUEUE_MAX, the most vhost-user-blk-pci can use.
+MAX_NUM_QUEUES = 1024
+#: Queues offered by default: QEMU gives a guest one per vCPU unless told otherwise, and a
+#: queue the frontend never starts costs nothing, so enough for any guest on this host.
+DEFAULT_NUM_QUEUES = min(MAX_NUM_QUEUES, max(64, os.cpu_count() or 1))
 #: Linux's VIRTIO_BLK_MAX_SG_ELEMS: no request of a Linux guest has more descriptors.
 LINUX_MAX_CHAIN = 32768
 

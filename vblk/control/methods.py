@@ -9,13 +9,14 @@ checked values.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vblk.blk.config import DEFAULT_NUM_QUEUES, MAX_NUM_QUEUES
 from vblk.control.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, RpcError
+from vblk.io.engines import ENGINES
 from vblk.virtio.defs import MAX_QUEUE_SIZE, is_queue_size
 
 __all__ = ["ENGINES", "MAX_NUM_QUEUES", "METHODS", "QOS_KEYS", "validate"]
@@ -23,12 +24,8 @@ __all__ = ["ENGINES", "MAX_NUM_QUEUES", "METHODS", "QOS_KEYS", "validate"]
 #: Export ids: short, printable, safe in a log line, a metric label and a thread name.
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 FORMAT_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
-#: As ``vblk serve``: QEMU's VIRTIO_QUEUE_MAX, and by default enough for any guest on this host.
-MAX_NUM_QUEUES = 1024
-DEFAULT_NUM_QUEUES = min(MAX_NUM_QUEUES, max(64, os.cpu_count() or 1))
 #: A unix socket path must fit sun_path (108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
-ENGINES = ("sync", "threads", "io_uring")
 #: The rate limits of export-set-qos; 0 is unlimited.
 QOS_KEYS = ("iops", "bps", "read_iops", "write_iops", "read_bps", "write_bps")
 #: Limits beyond these are typos, not limits (1e9 ops/s, 1 PB/s).
