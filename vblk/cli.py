@@ -55,10 +55,6 @@ def queue_size_arg(text: str) -> int:
     return value
 
 
-#: Seconds a Python thread may hold the GIL while another waits (CPython's default: 0.005).
-GIL_SWITCH_INTERVAL = 0.0002
-
-
 def _int_between(lo: int, hi: int) -> Callable[[str], int]:
     """An argparse type: an integer in [lo, hi], else a one-line error."""
 
@@ -267,14 +263,11 @@ def _setup_logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from vblk.blk.device import BlockDevice
-    from vblk.server import Server
+    from vblk.server import GIL_SWITCH_INTERVAL, Server
     from vblk.storage.spec import open_storage
     from vblk.worker import NEVER_SAMPLE
 
     _setup_logging(args.log_level)
-    # Every thread (IOThreads, the storage queues' pools, the main loop) shares
-    # one GIL. A thread back from poll() waits for the running one to hand it
-    # over, by default after up to 5 ms; 0.2 ms keeps that wait short.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     if args.num_queues > MAX_NUM_QUEUES:
         raise UsageError(f"--num-queues {args.num_queues} exceeds {MAX_NUM_QUEUES}")

@@ -33,9 +33,6 @@ from vblk.virtio.coalesce import DEFAULT_HOLD_US
 
 log = logging.getLogger(__name__)
 
-#: A CPython thread may hold the GIL this long while another waits (see cmd_serve).
-GIL_SWITCH_INTERVAL = 0.0002
-
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -98,6 +95,8 @@ def setup_logging(level: str, export_id: str | None) -> None:
 
 def worker_main(cfg: ExportConfig, listener: socket, conn: Connection, limits: Limits) -> None:
     """The worker process: open, answer ``ready`` (or the error), serve until ``stop``."""
+    from vblk.server import GIL_SWITCH_INTERVAL
+
     set_thread_name(f"vblk-{cfg.id}")
     setup_logging(cfg.log_level, cfg.id)
     # The daemon handles the signals; a terminal's ^C reaches the whole process group.

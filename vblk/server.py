@@ -55,6 +55,11 @@ DEFAULT_SOCKET_MODE = 0o600
 PROBE_TIMEOUT = 2.0
 #: Signals that stop ``vblk serve`` gracefully (handled on the main thread).
 SHUTDOWN_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+#: Seconds a Python thread may hold the GIL while another waits (CPython's default: 0.005).
+#: The queue threads, the storage's pools and the main loop share one GIL; a thread back
+#: from poll() waits for the running one to hand it over, and 0.2 ms keeps that wait short.
+#: Whoever runs a Server in its process (vblk serve, an export's worker) sets it first.
+GIL_SWITCH_INTERVAL = 0.0002
 
 
 class ServeError(VblkError):
