@@ -224,10 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also listen for vblk ctl on this control socket (the export's id is 'disk'; "
         "the disk is then served by a worker process the daemon restarts if it dies)",
     )
-    from vblk.daemon import add_metrics_argument
+    from vblk.daemon import add_log_level_argument, add_metrics_argument
 
     add_metrics_argument(serve)
-    _add_log_level(serve)
+    add_log_level_argument(serve)
     serve.set_defaults(func=cmd_serve)
 
     from vblk import bench, info, top, trace
@@ -241,16 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_parser(sub)
     ctl.add_parser(sub)
     return parser
-
-
-def _add_log_level(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--log-level",
-        default="info",
-        type=str.lower,
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (default info)",
-    )
 
 
 def _setup_logging(level: str) -> None:

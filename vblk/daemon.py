@@ -602,13 +602,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--control", required=True, metavar="PATH", help="control socket (mode 0600)")
     p.add_argument("--config", metavar="FILE", help="TOML file listing the exports to start with")
     add_metrics_argument(p)
-    p.add_argument(
-        "--log-level",
-        default="info",
-        type=str.lower,
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (default info)",
-    )
+    add_log_level_argument(p)
     p.set_defaults(func=cmd_daemon)
 
 
@@ -617,6 +611,16 @@ def add_metrics_argument(p: Any) -> None:
         "--metrics",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+
+
+def add_log_level_argument(p: Any) -> None:
+    p.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default info)",
     )
 
 
