@@ -1,4 +1,4 @@
-"""One JSON-RPC call over the daemon's control socket, for ``vblk top`` and ``vblk trace``.
+"""One JSON-RPC call over the daemon's control socket, for ``vblk ctl``, ``top`` and ``trace``.
 
 One request line out, one answer line back (the daemon's framing). Errors
 become :class:`RpcCallError` with the server's message, ready for a
