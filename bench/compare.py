@@ -17,12 +17,12 @@ One image serves them all, one backend at a time:
 * ``vblk-nbd`` / ``qsd-nbd``: one NBD server (``qemu-nbd --cache=none --aio=io_uring`` on
   the raw image), reached by vblk serve (``nbd+unix://``) and by qemu-storage-daemon's
   nbd driver.
-
-Ratios are like for like only: each vblk row against its qsd counterpart (``PAIRS``).
 * with ``--rbd`` (``make compare`` passes it): ``vblk-rbd`` and ``qsd-rbd``, one RBD
   image in a throwaway single-node Ceph (tests/ceph_cluster.py, memstore OSD), served by
   ``vblk serve rbd:...`` and by qemu-storage-daemon's ``driver=rbd`` (``cache.direct=on``,
-  like vblk's ``rbd_cache=false``); their ratio is vblk-rbd / qsd-rbd.
+  like vblk's ``rbd_cache=false``).
+
+Ratios are like for like only: each vblk row against its qsd counterpart (``PAIRS``).
 
 For each backend and queue count the test guest (tools/guest.py: QEMU TCG, 2 vCPUs)
 boots once per round and runs the same fio jobs (4k randread/randwrite QD32, 1M
