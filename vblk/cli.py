@@ -70,6 +70,22 @@ def _int_between(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
+def positive_float_upto(hi: float, unit: str = "") -> Callable[[str], float]:
+    """An argparse type: a number in (0, hi] (NaN refused), else a one-line error."""
+    suffix = f" {unit}" if unit else ""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in (0, {hi:g}]{suffix}, got {text}")
+        return value
+
+    return parse
+
+
 _poll_us = _int_between(0, 1_000_000)
 _coalesce_us = _int_between(0, 100_000)
 _thread_count = _int_between(1, 256)

@@ -13,6 +13,7 @@ import argparse
 import json
 from typing import Any
 
+from vblk.cli import positive_float_upto
 from vblk.control.methods import METHODS
 from vblk.errors import VblkError
 
@@ -38,15 +39,7 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
     return params
 
 
-def _timeout(text: str) -> float:
-    """An argparse type: seconds in (0, 86400], else a one-line error."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError(f"must be in (0, 86400] seconds, got {text}")
-    return value
+_timeout = positive_float_upto(86400, "seconds")
 
 
 def add_parser(sub: Any) -> None:

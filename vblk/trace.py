@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from vblk.cli import positive_float_upto
 from vblk.errors import VblkError
 from vblk.stats.rpc import call
 from vblk.stats.trace import chrome_trace
@@ -23,24 +24,8 @@ class TraceError(VblkError):
     """The trace could not be taken or written."""
 
 
-def _duration(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= MAX_DURATION:
-        raise argparse.ArgumentTypeError(f"must be in (0, {MAX_DURATION:g}] seconds, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
-    return value
+_duration = positive_float_upto(MAX_DURATION, "seconds")
+_fraction = positive_float_upto(1, "(a fraction)")
 
 
 def add_parser(sub: Any) -> None:
