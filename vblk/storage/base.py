@@ -31,6 +31,7 @@ __all__ = [
     "FLAG_FUA",
     "FLAG_UNMAP",
     "Capabilities",
+    "ChannelQueue",
     "Completion",
     "CompletionChannel",
     "Op",
@@ -186,3 +187,35 @@ class CompletionChannel:
             if self.fd is not None:
                 os.close(self.fd)
                 self.fd = None
+
+
+class ChannelQueue:
+    """The reaping half of a StorageQueue whose completions all come through one channel.
+
+    A subclass adds ``submit`` and ``commit``, counts each submission in
+    ``_inflight``, and has its threads or callbacks ``channel.put`` results.
+    """
+
+    def __init__(self) -> None:
+        self.channel = CompletionChannel()
+        self.fd: int | None = self.channel.fd
+        self._inflight = 0
+
+    def reap(self) -> list[Completion]:
+        out = self.channel.take()
+        self._inflight -= len(out)
+        return out
+
+    def ready(self) -> bool:
+        return self.channel.ready()
+
+    def clear_signal(self) -> None:
+        self.channel.clear()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def close(self) -> None:
+        self.channel.close()
+        self.fd = None

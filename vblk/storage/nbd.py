@@ -59,8 +59,8 @@ from vblk.storage.base import (
     FLAG_FUA,
     FLAG_UNMAP,
     Capabilities,
+    ChannelQueue,
     Completion,
-    CompletionChannel,
     Op,
     StorageError,
 )
@@ -461,16 +461,14 @@ class _SharedConnection:
             log.error("%s: the NBD connection is closed; requests now fail", self.description)
 
 
-class SharedNbdQueue:
+class SharedNbdQueue(ChannelQueue):
     """One virtqueue's path to the shared connection; used only on its I/O thread."""
 
     def __init__(self, storage: NbdStorage, conn: _SharedConnection) -> None:
+        super().__init__()
         self._storage = storage
         self._conn = conn
-        self._channel = CompletionChannel()
         self._lock = threading.Lock()
-        self._inflight = 0
-        self.fd: int | None = self._channel.fd
 
     def submit(
         self,
@@ -483,7 +481,7 @@ class SharedNbdQueue:
     ) -> None:
         self._inflight += 1
         data = op == Op.READ or op == Op.WRITE
-        req = _SharedRequest(self._channel.put, token, length if data else 0, self._lock)
+        req = _SharedRequest(self.channel.put, token, length if data else 0, self._lock)
         if op not in _OPS:
             req.fail(errno.EOPNOTSUPP)
             return
@@ -500,25 +498,9 @@ class SharedNbdQueue:
     def commit(self) -> None:
         self._conn.kick()
 
-    def reap(self) -> list[Completion]:
-        done = self._channel.take()
-        self._inflight -= len(done)
-        return done
-
-    def ready(self) -> bool:
-        return self._channel.ready()
-
-    def clear_signal(self) -> None:
-        self._channel.clear()
-
-    @property
-    def inflight(self) -> int:
-        return self._inflight
-
     def close(self) -> None:
         if self.fd is not None:
-            self._channel.close()
-            self.fd = None
+            super().close()
             self._storage._queue_closed()
 
 

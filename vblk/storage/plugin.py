@@ -30,8 +30,7 @@ from typing import Any, cast
 from vblk.storage.base import (
     FLAG_UNMAP,
     Capabilities,
-    Completion,
-    CompletionChannel,
+    ChannelQueue,
     Op,
     StorageError,
     StorageQueue,
@@ -236,14 +235,12 @@ def _name(op: int) -> str:
         return f"op {op}"
 
 
-class _PluginQueue:
+class _PluginQueue(ChannelQueue):
     """One virtqueue's way into the plugin's pool; completions come back through a channel."""
 
     def __init__(self, storage: PluginStorage) -> None:
-        self.channel = CompletionChannel()
-        self.fd: int | None = self.channel.fd
+        super().__init__()
         self._put = storage._work.put
-        self._inflight = 0
 
     def submit(
         self,
@@ -259,25 +256,6 @@ class _PluginQueue:
 
     def commit(self) -> None:
         pass
-
-    def reap(self) -> list[Completion]:
-        out = self.channel.take()
-        self._inflight -= len(out)
-        return out
-
-    def ready(self) -> bool:
-        return self.channel.ready()
-
-    def clear_signal(self) -> None:
-        self.channel.clear()
-
-    @property
-    def inflight(self) -> int:
-        return self._inflight
-
-    def close(self) -> None:
-        self.channel.close()
-        self.fd = None
 
 
 def open_plugin(target: str, opts: dict[str, str], read_only: bool) -> PluginStorage:
